@@ -1,0 +1,127 @@
+"""The run's configuration: one dataclass per component, parsed once from the command line.
+
+Each component is handed only its own section (TorchTitan's lesson: a monolithic config passed
+everywhere couples everything to everything).
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    ffn_hidden_size: int | None = None  # None: 4h for GELU, 8h/3 rounded to 64 for SwiGLU
+    seq_length: int = 256
+    max_position_embeddings: int | None = None  # None: seq_length
+    vocab_size: int = 0  # padded vocabulary, set once the tokenizer is known
+    make_vocab_size_divisible_by: int = 128
+    normalization: str = "RMSNorm"  # or "LayerNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = True
+    untie_embeddings_and_output_weights: bool = False
+    rotary_base: float = 10000.0
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    add_bias_linear: bool = False
+
+    def __post_init__(self):
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        if self.ffn_hidden_size is None:
+            if self.swiglu:
+                self.ffn_hidden_size = 64 * ((8 * self.hidden_size // 3 + 63) // 64)
+            else:
+                self.ffn_hidden_size = 4 * self.hidden_size
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"--hidden-size {self.hidden_size} is not divisible by "
+                f"--num-attention-heads {self.num_attention_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def pad_vocab_size(vocab_size: int, divisible_by: int) -> int:
+    """Megatron pads the vocabulary so the embedding splits evenly and matmuls stay aligned."""
+    return divisible_by * ((vocab_size + divisible_by - 1) // divisible_by)
+
+
+@dataclass
+class DataConfig:
+    data_path: list[str] = field(default_factory=list)
+    split: str = "969,30,1"
+    data_cache_path: str | None = None
+    tokenizer_type: str | None = None
+    tokenizer_model: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 4
+    global_batch_size: int | None = None  # None: micro batch x data-parallel size
+    train_iters: int = 100
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"  # constant | linear | cosine
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None  # None: train_iters
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    bf16: bool = False
+    seed: int = 1234
+    eval_interval: int = 100
+    eval_iters: int = 10
+    exit_interval: int | None = None
+    use_torch_compile: bool = False
+    recompute_granularity: str | None = None  # None | "full" | "selective"
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard_dir: str | None = None
+    peak_tflops: float | None = None  # None: measure this machine's fp32 matmul peak
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    keep_last_n: int | None = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    data_parallel_type: str = "ddp"  # ddp | fsdp
+    data_parallel_sharding_degree: int | None = None  # HSDP: shard within groups of this size
+    distributed_backend: str | None = None  # None: nccl on CUDA, gloo otherwise
+    distributed_timeout_minutes: int = 10
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Sections owned by optional features (e.g. "retro": RetroConfig) are added by their entry points.
+    extra: dict = field(default_factory=dict)
