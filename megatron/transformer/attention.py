@@ -1,0 +1,48 @@
+"""Multi-head self- and cross-attention on scaled_dot_product_attention.
+
+Queries, keys, values and the output projection are separate linears (wq, wk, wv, wo) and
+heads are recovered with a reshape to -1, so a tensor-parallel plan can shard them
+column-/row-wise from outside without this file knowing.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.transformer.rotary import apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, bias: bool = False,
+                 dropout: float = 0.0, kv_dim: int | None = None):
+        super().__init__()
+        kv_dim = dim if kv_dim is None else kv_dim
+        self.head_dim = head_dim
+        self.dropout = dropout
+        self.wq = nn.Linear(dim, num_heads * head_dim, bias=bias)
+        self.wk = nn.Linear(kv_dim, num_heads * head_dim, bias=bias)
+        self.wv = nn.Linear(kv_dim, num_heads * head_dim, bias=bias)
+        self.wo = nn.Linear(num_heads * head_dim, dim, bias=bias)
+
+    def forward(self, x, kv=None, rope_q=None, rope_k=None, causal=False, attn_mask=None):
+        """x: [b, s, dim] queries; kv: [b, t, kv_dim] keys/values source (None: self-attention).
+
+        rope_q / rope_k: (cos, sin) tables for query / key positions, or None for no RoPE.
+        attn_mask: bool [b or 1, 1, s, t], True = may attend.
+        """
+        kv = x if kv is None else kv
+        b, s, _ = x.shape
+        t = kv.shape[1]
+        q = self.wq(x).view(b, s, -1, self.head_dim)
+        k = self.wk(kv).view(b, t, -1, self.head_dim)
+        v = self.wv(kv).view(b, t, -1, self.head_dim)
+        if rope_q is not None:
+            q = apply_rotary(q, *rope_q)
+        if rope_k is not None:
+            k = apply_rotary(k, *rope_k)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=attn_mask, is_causal=causal and attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
