@@ -1,0 +1,86 @@
+"""RetroDataset logic over a stand-in chunk DB whose chunk c holds tokens [c, c, ...]."""
+
+import numpy as np
+import pytest
+
+from megatron.data.retro_dataset import RetroDataset
+
+M, K, SEQ, EOD = 4, 2, 10, 0
+
+
+class ArrayChunkDB:
+    def __init__(self, num_chunks, invalid=()):
+        self.valid = np.ones(num_chunks, dtype=bool)
+        self.valid[list(invalid)] = False
+
+    def get_tokens(self, ids):
+        ids = np.asarray(ids)
+        out = np.repeat(ids[..., None], 2 * M, axis=-1).astype(np.int64)
+        out[ids < 0] = EOD
+        return out
+
+    def random_valid_ids(self, n, rng):
+        return rng.choice(np.flatnonzero(self.valid), size=n)
+
+
+class Samples:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"text": np.full(SEQ + 1, i, dtype=np.int64)}
+
+
+def make(n=50, retrieval="on", **kw):
+    num_chunks = -(-SEQ // M)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 100, size=(n, num_chunks, K + 1))
+    ids[0, 1, 1:] = -1  # one chunk with a single neighbour
+    ids[0, 2, :] = -1  # one chunk with none
+    ds = RetroDataset(Samples(n), ids, ArrayChunkDB(100, invalid=range(50, 100)), K, M, SEQ,
+                      retrieval=retrieval, **kw)
+    return ds, ids
+
+
+def test_saved_neighbours_are_read_and_padding_masked():
+    ds, ids = make()
+    item = ds[0]
+    assert item["neighbor_tokens"].shape == (3, K, 2 * M)
+    assert np.array_equal(item["neighbor_mask"], ids[0, :, :K] >= 0)
+    assert np.array_equal(item["neighbor_tokens"][0, :, 0], ids[0, 0, :K])
+    # A -1 neighbour is never wrapped to a real chunk.
+    assert (item["neighbor_tokens"][2] == EOD).all()
+    assert (item["neighbor_tokens"][1, 1] == EOD).all()
+
+
+def test_retrieval_off_masks_everything():
+    ds, _ = make(retrieval="off")
+    assert not ds[3]["neighbor_mask"].any()
+
+
+def test_random_retrieval_draws_valid_chunks_and_keeps_padding():
+    ds, ids = make(retrieval="random")
+    item = ds[0]
+    assert np.array_equal(item["neighbor_mask"], ids[0, :, :K] >= 0)
+    drawn = item["neighbor_tokens"][item["neighbor_mask"]][:, 0]
+    assert (drawn < 50).all()  # only valid chunks
+    assert np.array_equal(ds[0]["neighbor_tokens"], item["neighbor_tokens"])  # deterministic
+
+
+def test_training_probabilities_are_realised_in_proportion():
+    ds, ids = make(n=4000, no_retrieval_prob=0.2, random_retrieval_prob=0.3)
+    modes = [ds.sample_mode(i) for i in range(len(ds))]
+    assert modes.count("off") / len(modes) == pytest.approx(0.2, abs=0.025)
+    assert modes.count("random") / len(modes) == pytest.approx(0.3, abs=0.025)
+    off = next(i for i, m in enumerate(modes) if m == "off")
+    assert not ds[off]["neighbor_mask"].any()
+
+
+def test_too_few_saved_samples_is_a_clear_error():
+    with pytest.raises(ValueError, match="neighbours for 5 train samples but 6"):
+        RetroDataset(Samples(6), np.zeros((5, 3, K), dtype=np.int64), ArrayChunkDB(10), K, M, SEQ)
+    with pytest.raises(ValueError, match="chunks per sample"):
+        RetroDataset(Samples(5), np.zeros((5, 2, K), dtype=np.int64), ArrayChunkDB(10), K, M, SEQ)
