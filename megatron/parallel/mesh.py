@@ -1,0 +1,123 @@
+"""The run's one DeviceMesh, built from Megatron's flags: pp x dp_replicate x dp_shard x tp.
+
+Rank order follows Megatron: tensor parallel varies fastest (neighbouring ranks, i.e. the
+same node, share the TP all-reduces), pipeline slowest. Data parallel is whatever is left of
+the world after tp x pp and is split, for HSDP, into replicate x shard:
+
+- ``--data-parallel-type ddp``: dp_replicate = dp, dp_shard = 1 (gradients all-reduced);
+- ``--data-parallel-type fsdp`` (Megatron's ``--use-distributed-optimizer``): dp_shard = dp, or
+  ``--data-parallel-sharding-degree S``: dp_shard = S and dp_replicate = dp / S (HSDP: shard
+  parameters inside groups of S ranks, typically one node, replicate across them).
+
+Every dimension is always present, even of size 1, so code can ask for ``mesh["tp"]`` without
+checking. The two data-parallel dimensions are also flattened into ``mesh["dp"]``, the group
+over which data is split and losses are averaged.
+"""
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from megatron.training.config import ParallelConfig
+
+MESH_DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+
+
+def mesh_shape(cfg: ParallelConfig, world_size: int) -> MeshShape:
+    """The mesh a run of ``world_size`` processes builds from ``cfg``; no process group needed."""
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ValueError(f"--tensor-model-parallel-size {tp} and --pipeline-model-parallel-size {pp} must be >= 1")
+    if world_size % (tp * pp):
+        raise ValueError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} "
+            f"x --pipeline-model-parallel-size {pp}"
+        )
+    dp = world_size // (tp * pp)
+    degree = cfg.data_parallel_sharding_degree
+    if cfg.data_parallel_type == "ddp":
+        if degree not in (None, 1):
+            raise ValueError(
+                f"--data-parallel-sharding-degree {degree} needs --data-parallel-type fsdp "
+                "(or --use-distributed-optimizer); DDP does not shard"
+            )
+        return MeshShape(pp=pp, dp_replicate=dp, dp_shard=1, tp=tp)
+    if cfg.data_parallel_type == "fsdp":
+        shard = dp if degree is None else degree
+        if shard < 1 or dp % shard:
+            raise ValueError(
+                f"--data-parallel-sharding-degree {degree} must divide the data-parallel size {dp} "
+                f"(world {world_size} / (tp {tp} x pp {pp}))"
+            )
+        return MeshShape(pp=pp, dp_replicate=dp // shard, dp_shard=shard, tp=tp)
+    raise ValueError(f"unknown --data-parallel-type {cfg.data_parallel_type!r} (expected ddp or fsdp)")
+
+
+def device_type_for(backend: str) -> str:
+    return "cuda" if backend == "nccl" else "cpu"
+
+
+def default_backend(cfg: ParallelConfig) -> str:
+    if cfg.distributed_backend is not None:
+        return cfg.distributed_backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(cfg: ParallelConfig) -> DeviceMesh | None:
+    """Join the process group torchrun/srun described in the environment and build the mesh.
+
+    Returns None for a plain single-process run (no WORLD_SIZE in the environment): nothing
+    distributed is set up then, and ``parallelize_model`` applies only the single-device switches.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1 and not dist.is_initialized():
+        mesh_shape(cfg, 1)  # still reject flags that cannot hold on one process
+        return None
+    backend = default_backend(cfg)
+    if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(minutes=cfg.distributed_timeout_minutes))
+    return build_device_mesh(cfg, device_type_for(backend))
+
+
+def build_device_mesh(cfg: ParallelConfig, device_type: str = "cpu") -> DeviceMesh:
+    """The mesh over the already initialised default process group."""
+    shape = mesh_shape(cfg, dist.get_world_size())
+    mesh = init_device_mesh(device_type, shape.as_tuple(), mesh_dim_names=MESH_DIM_NAMES)
+    # DeviceMesh offers flattening only as _flatten (TorchTitan uses it the same way); the
+    # flattened "dp" group is what the data loader and the loss average use.
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    return mesh
+
+
+def data_parallel_rank_and_size(mesh: DeviceMesh | None) -> tuple[int, int]:
+    """(rank, size) of this process in the data-parallel group: the data loader takes slice
+    ``rank`` of ``size`` of every global batch, so the global batch is the one a single process sees."""
+    if mesh is None:
+        return 0, 1
+    dp_mesh = mesh["dp"]
+    return dp_mesh.get_local_rank(), dp_mesh.size()

@@ -1,0 +1,156 @@
+"""One rank of the distributed tests: train a tiny GPT or RETRO under a parallel layout with a
+self-contained step (model, AdamW, clipped gradients, cross-entropy) and report what the tests
+compare: the global loss of every step and a sample of parameters gathered to full tensors.
+
+Run by launcher.py as ``python tests/distributed/parallel_worker.py SPEC.json OUT.json``; the
+single-process reference calls ``run`` in the test process itself (mesh None).
+SPEC is a list of runs, executed in order in the same process group:
+    {"name", "kind": "gpt"|"retro", "parallel": ParallelConfig kwargs, "bf16", "recompute",
+     "compile", "steps", "save_at", "save_dir", "load_dir", "die_rank", "die_at"}
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+from megatron.models.gpt.model import GPTModel
+from megatron.parallel.mesh import data_parallel_rank_and_size, init_distributed
+from megatron.parallel.parallelize import parallelize_model
+from megatron.parallel.tensor_parallel import loss_parallel_context
+from megatron.training.config import ModelConfig, ParallelConfig
+
+GLOBAL_BATCH = 4
+SEQ = 32
+VOCAB = 128
+RETRO_CHUNK = 8
+RETRO_K = 2
+SAMPLED_PARAMS = {
+    "gpt": ["tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.0.attention_norm.weight",
+            "layers.1.mlp.w2.weight", "layers.1.mlp.w3.weight", "norm.weight"],
+}
+
+
+def model_config() -> ModelConfig:
+    return ModelConfig(vocab_size=VOCAB, num_layers=2, hidden_size=32, num_attention_heads=4,
+                       ffn_hidden_size=64, seq_length=SEQ)
+
+
+def build_model(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "gpt":
+        model = GPTModel(model_config())
+    else:
+        raise ValueError(f"unknown model kind {kind!r}")
+    model.init_weights()
+    return model
+
+
+def make_batch(kind: str, step: int) -> dict:
+    """The global batch of ``step``: the same on every rank and in every layout."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return {"tokens": torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)}
+
+
+def local_slice(batch: dict, dp_rank: int, dp_size: int) -> dict:
+    return {k: v.chunk(dp_size)[dp_rank] for k, v in batch.items()}
+
+
+def forward(model, batch):
+    return model(batch["tokens"][:, :-1])
+
+
+def train_step(model, optimizer, batch, mesh, bf16: bool) -> tuple[float, float]:
+    """One optimizer step on this rank's slice; returns (global mean loss, gradient norm)."""
+    labels = batch["tokens"][:, 1:]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and mesh is None)
+    with autocast:
+        logits = forward(model, batch)
+    with loss_parallel_context(model):
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+        # Under loss_parallel the per-token losses are a replicated DTensor on the TP mesh.
+        loss = (losses.to_local() if isinstance(losses, DTensor) else losses).mean()
+        loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss.detach().clone()
+    if mesh is not None and mesh["dp"].size() > 1:
+        dist.all_reduce(loss, group=mesh["dp"].get_group())
+        loss /= mesh["dp"].size()
+    return loss.item(), grad_norm.item()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float()
+
+
+def save_checkpoint(model, optimizer, path: str):
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+
+def load_checkpoint(model, optimizer, path: str):
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def run(spec: dict) -> dict:
+    """Train one layout; rank-independent result (every rank returns the same)."""
+    kind = spec.get("kind", "gpt")
+    parallel_cfg = ParallelConfig(**spec.get("parallel", {}))
+    mesh = init_distributed(parallel_cfg)
+    model = build_model(kind)
+    parallelize_model(model, parallel_cfg, mesh, bf16=spec.get("bf16", False),
+                      recompute_granularity=spec.get("recompute"), compile=spec.get("compile", False),
+                      compile_backend=spec.get("compile_backend", "inductor"))
+    # foreach=True on purpose: it fails if TP leaves a mix of DTensor and plain parameters.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=True)
+    dp_rank, dp_size = data_parallel_rank_and_size(mesh)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    first_step = 0
+    if spec.get("load_dir"):
+        load_checkpoint(model, optimizer, spec["load_dir"])
+        first_step = spec["save_at"]
+    losses, grad_norms = [], []
+    for step in range(first_step, spec.get("steps", 5)):
+        if spec.get("die_rank") == rank and spec.get("die_at") == step:
+            print(f"rank {rank}: exiting on purpose before step {step}", flush=True)
+            os._exit(3)
+        loss, grad_norm = train_step(model, optimizer, local_slice(make_batch(kind, step), dp_rank, dp_size),
+                                     mesh, spec.get("bf16", False))
+        losses.append(loss)
+        grad_norms.append(grad_norm)
+        if spec.get("save_at") == step + 1 and spec.get("save_dir"):
+            save_checkpoint(model, optimizer, spec["save_dir"])
+    params = dict(model.named_parameters())
+    sampled = {name: full(params[name]).flatten()[:64].tolist() for name in SAMPLED_PARAMS[kind]}
+    return {"losses": losses, "grad_norms": grad_norms, "params": sampled}
+
+
+def main():
+    spec_path, out_path = sys.argv[1], sys.argv[2]
+    results = {}
+    for spec in json.loads(Path(spec_path).read_text()):
+        results[spec["name"]] = run(spec)
+        dist.barrier()
+    if dist.get_rank() == 0:
+        tmp = out_path + ".tmp"
+        Path(tmp).write_text(json.dumps(results))
+        os.replace(tmp, out_path)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
