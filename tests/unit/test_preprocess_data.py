@@ -1,0 +1,168 @@
+"""tools/preprocess_data.py (run as a subprocess, as users run it) and tools/corpus_from_files.py."""
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+
+import numpy as np
+import pytest
+
+from megatron.data.indexed_dataset import IndexedDataset
+from megatron.data.tokenizers import build_tokenizer
+from tools.corpus_from_files import find_files, write_corpus
+from tools.corpus_from_files import main as corpus_main
+from tools.preprocess_data import preprocess
+from tools.train_tokenizer import train_tokenizer
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_text(name):
+    with open(os.path.join(STDLIB, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def write_jsonl(path, objects):
+    with open(path, "w", encoding="utf-8") as f:
+        for obj in objects:
+            f.write(json.dumps(obj) + "\n")
+
+
+@pytest.fixture(scope="module")
+def texts():
+    """Documents of very different lengths, an empty one and non-ASCII among them."""
+    sources = [stdlib_text(name) for name in ("fnmatch.py", "heapq.py", "shlex.py", "bisect.py")]
+    texts = sources + ["", "naïve café 日本語", "x"]
+    # Enough small documents that two workers get many chunks of lines, more than may be in flight.
+    texts += [source[i:i + 100] for source in sources for i in range(0, 8000, 100)]
+    return texts
+
+
+@pytest.fixture(scope="module")
+def corpus(texts, tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    write_jsonl(path, [{"id": str(i), "text": text} for i, text in enumerate(texts)])
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(corpus, tmp_path_factory):
+    output = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(corpus, ["text"], 500, str(output))
+    return str(output)
+
+
+def run_preprocess(corpus, prefix, tokenizer_dir, workers):
+    return subprocess.run(
+        [sys.executable, "tools/preprocess_data.py", "--input", corpus, "--output-prefix", prefix,
+         "--json-keys", "text", "--tokenizer-type", "HuggingFaceTokenizer",
+         "--tokenizer-model", tokenizer_dir, "--append-eod", "--workers", str(workers),
+         "--log-interval", "10"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+def file_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_documents_are_tokenized_text_plus_eod(texts, corpus, tokenizer_dir, tmp_path):
+    result = run_preprocess(corpus, str(tmp_path / "one" / "corpus"), tokenizer_dir, workers=1)
+    assert result.returncode == 0, result.stderr
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", tokenizer_dir)
+    ds = IndexedDataset(str(tmp_path / "one" / "corpus_text_document"))
+    assert ds.dtype == np.uint16
+    assert len(ds) == len(texts)
+    for i, text in enumerate(texts):
+        assert ds[i].tolist() == tokenizer.tokenize(text) + [tokenizer.eod]
+
+    result2 = run_preprocess(corpus, str(tmp_path / "two" / "corpus"), tokenizer_dir, workers=2)
+    assert result2.returncode == 0, result2.stderr
+    for suffix in (".bin", ".idx"):
+        assert (file_bytes(tmp_path / "one" / f"corpus_text_document{suffix}")
+                == file_bytes(tmp_path / "two" / f"corpus_text_document{suffix}"))
+    assert sorted(os.listdir(tmp_path / "two")) == ["corpus_text_document.bin", "corpus_text_document.idx"]
+
+
+@pytest.mark.parametrize("bad_line, problem", [
+    ('{"text": "unterminated', "not a JSON object"),
+    ('{"body": "no text here"}', "missing key 'text'"),
+])
+def test_bad_line_fails_naming_file_and_line_and_leaves_nothing(texts, tokenizer_dir, tmp_path,
+                                                                 bad_line, problem):
+    corpus = tmp_path / "bad.jsonl"
+    lines = [json.dumps({"text": text}) for text in texts]
+    # Early, so that the workers still have many lines queued when the error stops the run.
+    lines.insert(3, bad_line)
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    output = tmp_path / "out"
+    result = run_preprocess(str(corpus), str(output / "corpus"), tokenizer_dir, workers=2)
+    assert result.returncode != 0
+    assert f"{corpus}:4: {problem}" in result.stderr
+    assert os.listdir(output) == []
+
+
+def test_empty_corpus_is_a_clear_error(tokenizer_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    tokenizer_kwargs = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": tokenizer_dir}
+    with pytest.raises(ValueError, match="empty corpus"):
+        preprocess(str(empty), str(tmp_path / "out" / "corpus"), ["text"], tokenizer_kwargs)
+    assert list(tmp_path.rglob("corpus*")) == []
+
+
+def test_several_json_keys_give_one_dataset_each(tokenizer_dir, tmp_path):
+    corpus = tmp_path / "two_keys.jsonl"
+    write_jsonl(corpus, [{"title": "heapq", "text": stdlib_text("heapq.py")},
+                         {"title": "bisect", "text": stdlib_text("bisect.py")}])
+    tokenizer_kwargs = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": tokenizer_dir}
+    counts = preprocess(str(corpus), str(tmp_path / "corpus"), ["title", "text"], tokenizer_kwargs)
+    tokenizer = build_tokenizer(**tokenizer_kwargs)
+    titles = IndexedDataset(str(tmp_path / "corpus_title_document"))
+    bodies = IndexedDataset(str(tmp_path / "corpus_text_document"))
+    assert titles[1].tolist() == tokenizer.tokenize("bisect")  # no --append-eod
+    assert tokenizer.detokenize(bodies[0]) == stdlib_text("heapq.py")
+    assert counts["text"] == (2, int(bodies.sequence_lengths.sum()))
+
+
+def test_corpus_from_files(tmp_path, monkeypatch):
+    tree = tmp_path / "tree"
+    (tree / "pkg" / "sub").mkdir(parents=True)
+    files = {"b.py": "print('b')\n", "a.py": "# é\n", "pkg/__init__.py": "",
+             "pkg/sub/deep.py": "x = 1\r\n"}
+    for name, text in files.items():
+        (tree / name).write_bytes(text.encode("utf-8"))
+    (tree / "notes.txt").write_text("not matched", encoding="utf-8")
+    (tree / "pkg" / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+
+    output = tmp_path / "corpus.jsonl"
+    assert write_corpus(str(tree), "*.py", str(output)) == (4, 1)
+    documents = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert [d["id"] for d in documents] == sorted(files)
+    assert {d["id"]: d["text"] for d in documents} == files
+    first = output.read_bytes()
+
+    # Stable: the same tree read again, from a different working directory, gives the same bytes.
+    monkeypatch.chdir(tmp_path)
+    assert corpus_main(["--input", "tree", "--output", "again.jsonl"]) == 0
+    assert (tmp_path / "again.jsonl").read_bytes() == first
+
+    assert write_corpus(str(tree), "*.py", str(output), max_files=2) == (2, 0)
+    assert [json.loads(line)["id"] for line in output.read_text(encoding="utf-8").splitlines()] == ["a.py", "b.py"]
+    assert sorted(os.listdir(tmp_path)) == ["again.jsonl", "corpus.jsonl", "tree"]
+
+
+def test_corpus_from_files_defaults_to_the_stdlib(tmp_path, capsys):
+    output = tmp_path / "stdlib.jsonl"
+    assert corpus_main(["--max-files", "3", "--output", str(output)]) == 0
+    ids = [json.loads(line)["id"] for line in output.read_text(encoding="utf-8").splitlines()]
+    assert len(ids) == 3 and ids == sorted(ids)
+    assert json.loads(output.read_text(encoding="utf-8").splitlines()[0])["text"] == stdlib_text(ids[0])
+    assert "wrote 3 documents" in capsys.readouterr().out
+    # Installed packages live below the stdlib directory but are not part of the corpus.
+    all_ids = [doc_id for doc_id, _ in find_files(STDLIB, "*.py")]
+    assert "os.py" in all_ids
+    assert not any("site-packages/" in doc_id for doc_id in all_ids)

@@ -1,0 +1,96 @@
+"""Turn a directory of text files into a JSONL corpus: one {"id", "text"} object per file.
+
+    python tools/corpus_from_files.py --output corpus.jsonl            # this Python's stdlib *.py
+    python tools/corpus_from_files.py --input src/ --glob '*.md' --max-files 100 --output docs.jsonl
+
+The id is the file's path relative to --input, and files are written in id order, so the same
+tree always gives the same corpus. Files that are not valid UTF-8 are skipped and counted.
+Installed third-party packages (site-packages) below --input are left out, so the default
+corpus depends only on the Python version, not on what is installed.
+"""
+
+import argparse
+import fnmatch
+import json
+import os
+import sys
+import sysconfig
+import uuid
+
+
+def find_files(input_dir: str, pattern: str) -> list[tuple[str, str]]:
+    """(id, path) of every file below input_dir whose name matches `pattern`, sorted by id."""
+    root = os.path.realpath(input_dir)
+    if not os.path.isdir(root):
+        raise ValueError(f"{input_dir}: input directory not found")
+    excluded = {os.path.realpath(sysconfig.get_paths()[name]) for name in ("purelib", "platlib")}
+    found = []
+    for directory, subdirectories, names in os.walk(root):
+        # Prune rather than filter: site-packages can dwarf the stdlib.
+        subdirectories[:] = [d for d in subdirectories
+                             if os.path.realpath(os.path.join(directory, d)) not in excluded]
+        for name in fnmatch.filter(names, pattern):
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                found.append((os.path.relpath(path, root).replace(os.sep, "/"), path))
+    found.sort()
+    return found
+
+
+def write_corpus(input_dir: str, pattern: str, output: str, max_files: int | None = None) -> tuple[int, int]:
+    """Write the corpus to `output`; returns (documents written, files skipped as not UTF-8)."""
+    files = find_files(input_dir, pattern)
+    if max_files is not None:
+        files = files[:max_files]
+    if not files:
+        raise ValueError(f"{input_dir}: no files match {pattern!r}")
+
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    # A unique name rather than mkstemp, whose 0600 mode would stick to the renamed file.
+    temp_path = f"{output}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    written = skipped = 0
+    try:
+        with open(temp_path, "x", encoding="utf-8") as out:
+            for doc_id, path in files:
+                try:
+                    with open(path, "rb") as f:
+                        text = f.read().decode("utf-8")
+                except UnicodeDecodeError:
+                    skipped += 1
+                    continue
+                out.write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n")
+                written += 1
+        os.replace(temp_path, output)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
+    return written, skipped
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", default=sysconfig.get_paths()["stdlib"],
+                        help="directory to read (default: this Python's stdlib)")
+    parser.add_argument("--glob", default="*.py", help="file name pattern, matched at any depth below --input")
+    parser.add_argument("--output", default="corpus.jsonl", help="JSONL file to write")
+    parser.add_argument("--max-files", type=int, default=None, help="keep only the first N files by id")
+    args = parser.parse_args(argv)
+    if args.max_files is not None and args.max_files < 1:
+        parser.error("--max-files must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        written, skipped = write_corpus(args.input, args.glob, args.output, args.max_files)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {written} documents to {args.output}; skipped {skipped} files that are not valid UTF-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

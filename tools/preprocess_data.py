@@ -1,0 +1,209 @@
+"""Tokenize a JSONL corpus into Megatron indexed datasets, one sequence per document.
+
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
+        --json-keys text --tokenizer-type HuggingFaceTokenizer --tokenizer-model tok/ \\
+        --append-eod --workers 4
+
+writes data/corpus_text_document.bin/.idx (one pair per --json-keys key). Sequence i is line i of
+the input, whatever the number of workers. A bad line stops the run with "FILE:LINE: problem"
+and leaves nothing under the output prefix: files are written under temporary names and only
+renamed into place once every line has been tokenized.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from multiprocessing import Pool
+
+import numpy as np
+from tqdm import tqdm
+
+from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype
+from megatron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
+
+# Lines per task sent to a worker: large enough to amortise inter-process overhead.
+CHUNKSIZE = 32
+
+
+class Encoder:
+    """Turns one raw JSONL line into one token array per key."""
+
+    def __init__(self, tokenizer_kwargs: dict, json_keys: list[str], append_eod: bool, dtype):
+        self.tokenizer = build_tokenizer(**tokenizer_kwargs)
+        self.json_keys = json_keys
+        self.append_eod = append_eod
+        self.dtype = dtype
+
+    def encode(self, line: bytes) -> list[np.ndarray]:
+        """Token arrays, one per json key; ValueError describing the problem for a bad line."""
+        try:
+            document = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"not a JSON object: {e}") from e
+        if not isinstance(document, dict):
+            raise ValueError(f"expected a JSON object, got {type(document).__name__}")
+        arrays = []
+        for key in self.json_keys:
+            if key not in document:
+                raise ValueError(f"missing key {key!r}")
+            text = document[key]
+            if not isinstance(text, str):
+                raise ValueError(f"key {key!r} is not a string")
+            ids = self.tokenizer.tokenize(text)
+            if self.append_eod:
+                ids.append(self.tokenizer.eod)
+            arrays.append(np.asarray(ids, dtype=self.dtype))
+        return arrays
+
+
+# The encoder of this process, built once per worker by the Pool initializer.
+_encoder = None
+
+
+def _init_encoder(*encoder_args) -> None:
+    global _encoder
+    _encoder = Encoder(*encoder_args)
+
+
+def _encode_numbered_line(numbered_line):
+    """(line number, token arrays or None, problem or None); errors travel back as values so the
+    parent can name the line."""
+    line_number, line = numbered_line
+    try:
+        return line_number, _encoder.encode(line), None
+    except ValueError as e:
+        return line_number, None, str(e)
+
+
+class _BoundedFeed:
+    """Lets at most `limit` lines be in flight. Pool.imap's feeder thread would otherwise read the
+    whole input into memory ahead of the workers."""
+
+    def __init__(self, items, limit: int):
+        self._items = items
+        self._slots = threading.Semaphore(limit)
+        self._stopped = False
+
+    def __iter__(self):
+        for item in self._items:
+            self._slots.acquire()
+            if self._stopped:
+                return
+            yield item
+
+    def consumed_one(self) -> None:
+        self._slots.release()
+
+    def stop(self) -> None:
+        """Unblock and end the feeder, so that terminating the pool cannot wait on it forever."""
+        self._stopped = True
+        self._slots.release()
+
+
+def output_prefix_for_key(output_prefix: str, key: str) -> str:
+    return f"{output_prefix}_{key}_document"
+
+
+def preprocess(input_path: str, output_prefix: str, json_keys: list[str], tokenizer_kwargs: dict,
+               append_eod: bool = False, workers: int = 1, log_interval: int = 100) -> dict:
+    """Write one indexed dataset per key; returns {key: (documents, tokens)}."""
+    # Parallelism comes from worker processes; the library's own threads would only fight them
+    # and warn after fork.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tokenizer = build_tokenizer(**tokenizer_kwargs)
+    dtype = best_fitting_dtype(tokenizer.vocab_size)
+    if not os.path.isfile(input_path):
+        raise ValueError(f"{input_path}: input corpus not found")
+    if os.path.getsize(input_path) == 0:
+        raise ValueError(f"{input_path}: empty corpus, no documents to tokenize")
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+
+    encoder_args = (tokenizer_kwargs, json_keys, append_eod, dtype)
+    prefixes = {key: output_prefix_for_key(output_prefix, key) for key in json_keys}
+    num_tokens = dict.fromkeys(json_keys, 0)
+    num_documents = 0
+    with contextlib.ExitStack() as stack:
+        builders = {key: stack.enter_context(IndexedDatasetBuilder(prefixes[key] + ".bin", dtype))
+                    for key in json_keys}
+        lines = stack.enter_context(open(input_path, "rb"))
+        if workers > 1:
+            pool = stack.enter_context(Pool(workers, initializer=_init_encoder, initargs=encoder_args))
+            feed = _BoundedFeed(enumerate(lines, start=1), limit=4 * CHUNKSIZE * workers)
+            stack.callback(feed.stop)  # runs before the pool is terminated
+            results = pool.imap(_encode_numbered_line, feed, chunksize=CHUNKSIZE)
+        else:
+            feed = None
+            _init_encoder(*encoder_args)
+            results = map(_encode_numbered_line, enumerate(lines, start=1))
+
+        progress = stack.enter_context(tqdm(desc=os.path.basename(input_path), unit=" docs", file=sys.stderr))
+        start = time.perf_counter()
+        for line_number, arrays, problem in results:
+            if problem is not None:
+                raise ValueError(f"{input_path}:{line_number}: {problem}")
+            if feed is not None:
+                feed.consumed_one()
+            for key, tokens in zip(json_keys, arrays):
+                builders[key].add_document(tokens)
+                num_tokens[key] += len(tokens)
+            num_documents += 1
+            if num_documents % log_interval == 0:
+                progress.update(log_interval)
+                rate = sum(num_tokens.values()) / max(time.perf_counter() - start, 1e-9)
+                progress.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
+        progress.update(num_documents % log_interval)
+
+        if num_documents == 0:
+            raise ValueError(f"{input_path}: empty corpus, no documents to tokenize")
+        for key, builder in builders.items():
+            builder.finalize(prefixes[key] + ".idx")
+    return {key: (num_documents, num_tokens[key]) for key in json_keys}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("input")
+    group.add_argument("--input", required=True, help="JSONL corpus, one JSON object per line")
+    group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize, one dataset each")
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    group.add_argument("--tokenizer-model", default=None, help="tokenizer.json or its directory")
+    group.add_argument("--vocab-file", default=None)
+    group.add_argument("--merge-file", default=None)
+    group.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
+    group = parser.add_argument_group("output")
+    group.add_argument("--output-prefix", required=True,
+                       help="writes PREFIX_{key}_document.bin/.idx for each json key")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    group.add_argument("--log-interval", type=int, default=100, help="documents between progress updates")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.log_interval < 1:
+        parser.error("--log-interval must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    tokenizer_kwargs = {"tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
+                        "vocab_file": args.vocab_file, "merge_file": args.merge_file}
+    try:
+        counts = preprocess(args.input, args.output_prefix, args.json_keys, tokenizer_kwargs,
+                            args.append_eod, args.workers, args.log_interval)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for key, (documents, tokens) in counts.items():
+        print(f"{output_prefix_for_key(args.output_prefix, key)}.bin/.idx: "
+              f"{documents} documents, {tokens} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
