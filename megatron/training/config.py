@@ -99,7 +99,8 @@ class CheckpointConfig:
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None
-    keep_last_n: int | None = None
+    keep_last_n: int | None = None  # None: keep every checkpoint
+    ckpt_step: int | None = None  # load this iteration instead of the latest one
     no_load_optim: bool = False
     no_load_rng: bool = False
 

@@ -1,0 +1,300 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): model, optimizer, scheduler, RNG, data position.
+
+Layout (Megatron's names):
+
+    SAVE/iter_0000020/                    one complete checkpoint: DCP shards + .metadata, config.json
+    SAVE/latest_checkpointed_iteration.txt   the iteration to resume from
+
+A save writes into `SAVE/iter_0000020.tmp-<pid>` and renames it to `SAVE/iter_0000020` only once
+every rank has finished; the tracker file is then replaced atomically. A process killed while
+saving therefore leaves a `.tmp-` directory that is never loaded and an untouched tracker.
+Loading takes the tracker's iteration (or --ckpt-step), and only ever a directory with the
+final name and DCP's `.metadata` file (written last by DCP).
+
+DCP stores model and optimizer state under parameter names (get_state_dict strips DDP/FSDP
+wrappers), so a checkpoint loads under another parallel layout. RNG states differ per rank and
+are stored per rank (`rng.rank_<r>`); a run resumed with another world size keeps its fresh RNG.
+"""
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+CONFIG_FILE = "config.json"
+METADATA_FILE = ".metadata"
+_DIR_RE = re.compile(r"^iter_(\d{7})$")
+_TMP_RE = re.compile(r"^iter_\d{7}\.(tmp|old)-\d+$")
+
+# Test-only fault injection: when set to an iteration, the process saving that iteration exits
+# abruptly after DCP has written into the temporary directory and before it is renamed.
+KILL_DURING_SAVE_ENV = "MEGATRON_TEST_KILL_DURING_SAVE"
+KILL_EXIT_CODE = 86
+
+# Model fields that may change between a checkpoint and the run that loads it.
+_RESUMABLE_MODEL_FIELDS = {"hidden_dropout", "attention_dropout", "init_method_std"}
+
+
+@dataclass
+class TrainState:
+    """Where training stands: the data position is global (samples of the global batch), so a
+    run resumed with another data-parallel size continues with the next unseen samples."""
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def is_complete(path: str) -> bool:
+    return _DIR_RE.match(os.path.basename(os.path.normpath(path))) is not None and \
+        os.path.isfile(os.path.join(path, METADATA_FILE))
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _DIR_RE.match(name)
+        path = os.path.join(root, name)
+        if m and is_complete(path):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def read_tracker(root: str) -> int | None:
+    path = os.path.join(root, TRACKER_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def find_checkpoint(root: str, step: int | None = None) -> tuple[int, str] | None:
+    """(iteration, directory) to load from `root`, or None when it holds no complete checkpoint.
+
+    `step` asks for one iteration and fails if that checkpoint is not complete. Otherwise the
+    tracker's iteration is used; should that directory be missing or incomplete (e.g. deleted
+    by hand) the newest complete checkpoint is taken instead.
+    """
+    if step is not None:
+        path = checkpoint_dir(root, step)
+        if not is_complete(path):
+            raise ValueError(f"{path}: no complete checkpoint (missing directory or {METADATA_FILE})")
+        return step, path
+    tracked = read_tracker(root)
+    if tracked is not None and is_complete(checkpoint_dir(root, tracked)):
+        return tracked, checkpoint_dir(root, tracked)
+    complete = list_checkpoints(root)
+    if not complete:
+        return None
+    if tracked is not None:
+        print(f"WARNING: {os.path.join(root, TRACKER_FILE)} names iteration {tracked}, whose checkpoint is "
+              f"incomplete; loading the newest complete one, {complete[-1][1]}", flush=True)
+    return complete[-1]
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _dcp_quiet():
+    """DCP warns on every single-process save/load that it assumes one process; that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _atomic_write_text(path: str, text: str):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _model_and_optimizer_state(model, optimizer):
+    if optimizer is None:
+        return get_model_state_dict(model), None
+    return get_state_dict(model, optimizer)
+
+
+def save_checkpoint(root: str, state: TrainState, model: torch.nn.Module, optimizer, scheduler,
+                    config: dict, keep_last_n: int | None = None) -> str:
+    """Write the checkpoint of `state.iteration` under `root`; collective over all ranks.
+
+    config: the run's configuration (e.g. dataclasses.asdict(cfg)), written as config.json for
+    people and for the architecture check on load.
+    """
+    rank, _ = _rank_and_world()
+    final = checkpoint_dir(root, state.iteration)
+    # Every rank must write into the same temporary directory: rank 0's pid names it.
+    owner = [os.getpid()]
+    if not _no_dist():
+        dist.broadcast_object_list(owner, src=0)
+    tmp = f"{final}.tmp-{owner[0]}"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+
+    model_sd, optim_sd = _model_and_optimizer_state(model, optimizer)
+    payload = {"model": model_sd, "train_state": asdict(state), "rng": {f"rank_{rank}": rng_state()}}
+    if optim_sd is not None:
+        payload["optimizer"] = optim_sd
+    if scheduler is not None:
+        payload["scheduler"] = scheduler.state_dict()
+    with _dcp_quiet():
+        dcp.save(payload, checkpoint_id=tmp, no_dist=_no_dist())
+
+    if os.environ.get(KILL_DURING_SAVE_ENV) == str(state.iteration):
+        os._exit(KILL_EXIT_CODE)
+    _barrier()
+
+    if rank == 0:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True, default=str)
+        if os.path.exists(final):  # the same iteration saved again, e.g. by a resumed run
+            old = f"{final}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _atomic_write_text(os.path.join(root, TRACKER_FILE), f"{state.iteration}\n")
+        _remove_stale(root, state.iteration, keep_last_n)
+    _barrier()
+    return final
+
+
+def _remove_stale(root: str, iteration: int, keep_last_n: int | None):
+    """Delete complete checkpoints older than the newest `keep_last_n` (counting the one just
+    saved) and temporary directories that killed runs left behind. Checkpoints of later
+    iterations (from a run this one was resumed before) are not older, so they stay."""
+    for name in os.listdir(root):
+        if _TMP_RE.match(name) and not name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    if keep_last_n is None:
+        return
+    older = [path for it, path in list_checkpoints(root) if it < iteration]
+    for path in older[:max(0, len(older) - (keep_last_n - 1))]:
+        shutil.rmtree(path)
+
+
+def read_checkpoint_config(path: str) -> dict:
+    config_path = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(config_path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path}: cannot read the checkpoint's configuration: {e}") from e
+
+
+def check_model_config(saved: dict, current: dict, path: str):
+    """Refuse a checkpoint whose architecture differs from the model about to receive it."""
+    for name in sorted(set(saved) | set(current)):
+        if name in _RESUMABLE_MODEL_FIELDS:
+            continue
+        if saved.get(name) != current.get(name):
+            raise ValueError(f"{path}: checkpoint was saved with model {name}={saved.get(name)!r}, "
+                             f"this run has {name}={current.get(name)!r}")
+
+
+def load_checkpoint(root: str, model: torch.nn.Module, optimizer=None, scheduler=None, *,
+                    step: int | None = None, load_optim: bool = True, load_rng: bool = True,
+                    model_config: dict | None = None) -> TrainState | None:
+    """Load the checkpoint `find_checkpoint(root, step)` chooses into model (and optimizer,
+    scheduler, RNG); collective over all ranks. None when `root` holds no checkpoint.
+
+    model_config: the current model section (as a dict) to check the checkpoint's against.
+    """
+    found = find_checkpoint(root, step)
+    if found is None:
+        return None
+    iteration, path = found
+    if model_config is not None:
+        check_model_config(read_checkpoint_config(path).get("model", {}), model_config, path)
+    rank, world_size = _rank_and_world()
+    saved_keys = FileSystemReader(path).read_metadata().state_dict_metadata
+
+    with_optim = load_optim and optimizer is not None
+    model_sd, optim_sd = _model_and_optimizer_state(model, optimizer if with_optim else None)
+    payload = {"model": model_sd, "train_state": asdict(TrainState())}
+    if with_optim:
+        payload["optimizer"] = optim_sd
+        if scheduler is not None:
+            payload["scheduler"] = scheduler.state_dict()
+    rng_key = f"rank_{rank}"
+    restore_rng = load_rng and f"rng.{rng_key}.torch" in saved_keys
+    if load_rng and not restore_rng:
+        print(f"WARNING: {path} has no RNG state for rank {rank} (saved by another world size); "
+              f"rank {rank} of {world_size} keeps its freshly seeded RNG", flush=True)
+    if restore_rng:
+        payload["rng"] = {rng_key: rng_state()}
+    with _dcp_quiet():
+        dcp.load(payload, checkpoint_id=path, no_dist=_no_dist())
+
+    if with_optim:
+        set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(payload["scheduler"])
+    else:
+        set_model_state_dict(model, payload["model"])
+    if restore_rng:
+        set_rng_state(payload["rng"][rng_key])
+    state = TrainState(**{k: int(v) for k, v in payload["train_state"].items()})
+    if state.iteration != iteration:
+        raise ValueError(f"{path}: holds iteration {state.iteration}, its name says {iteration}")
+    return state

@@ -1,0 +1,101 @@
+"""Training and validation log lines in Megatron-LM's format, and TensorBoard scalars.
+
+The lines keep Megatron-LM's field names, order and number formats so existing log parsers work:
+
+ iteration       10/     100 | consumed samples:          320 | elapsed time per iteration (ms): 123.4 |
+ learning rate: 3.000000E-04 | global batch size:    32 | lm loss: 5.123456E+00 | loss scale: 1.0 |
+ grad norm: 1.234 | number of skipped iterations:   0 | number of nan iterations:   0 |
+ tokens per second: 1234.5 | TFLOP/s: 0.05 | MFU: 30.1% |
+
+(one line). Every logged metric (the entry point's forward_step names them: "lm loss", and e.g.
+RETRO's "budget loss") is printed as `name: %.6E |` after the global batch size, as Megatron
+does with its loss dict. Throughput fields come last: tokens per second over the whole job,
+TFLOP/s and MFU per device (Megatron's "throughput per GPU").
+
+ validation loss at iteration 100 | lm loss value: 4.500000E+00 | lm loss PPL: 9.001713E+01 |
+
+prints `value` for every metric and `PPL` for the language-model loss.
+"""
+
+import math
+
+
+def format_train_line(*, iteration: int, train_iters: int, consumed_samples: int, elapsed_ms: float,
+                      learning_rate: float, global_batch_size: int, metrics: dict[str, float],
+                      grad_norm: float | None, skipped_iterations: int, nan_iterations: int,
+                      tokens_per_second: float, tflops_per_device: float, mfu: float | None,
+                      loss_scale: float = 1.0) -> str:
+    parts = [
+        f" iteration {iteration:8d}/{train_iters:8d}",
+        f"consumed samples: {consumed_samples:12d}",
+        f"elapsed time per iteration (ms): {elapsed_ms:.1f}",
+        f"learning rate: {learning_rate:.6E}",
+        f"global batch size: {global_batch_size:5d}",
+    ]
+    parts += [f"{name}: {value:.6E}" for name, value in metrics.items()]
+    parts.append(f"loss scale: {loss_scale:.1f}")
+    if grad_norm is not None:
+        parts.append(f"grad norm: {grad_norm:.3f}")
+    parts += [
+        f"number of skipped iterations: {skipped_iterations:3d}",
+        f"number of nan iterations: {nan_iterations:3d}",
+        f"tokens per second: {tokens_per_second:.1f}",
+        f"TFLOP/s: {tflops_per_device:.2f}",
+    ]
+    if mfu is not None:
+        parts.append(f"MFU: {100.0 * mfu:.1f}%")
+    return " | ".join(parts) + " |"
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(20.0, loss))  # Megatron caps the exponent so a diverged loss stays printable
+
+
+def format_validation_line(iteration: int, metrics: dict[str, float], lm_loss_name: str = "lm loss",
+                           suffix: str = "") -> str:
+    """`suffix` names the split in end-of-training lines, e.g. " on validation set"."""
+    parts = [f" validation loss at iteration {iteration}{suffix}"]
+    for name, value in metrics.items():
+        parts.append(f"{name} value: {value:.6E}")
+        if name == lm_loss_name:
+            parts.append(f"{name} PPL: {perplexity(value):.6E}")
+    return " | ".join(parts) + " |"
+
+
+class TensorBoardWriter:
+    """Scalars under Megatron's tag names; only built where --tensorboard-dir is given (lazy import,
+    so runs without it need no tensorboard package)."""
+
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=log_dir, max_queue=100)
+
+    def train(self, iteration: int, consumed_samples: int, learning_rate: float, metrics: dict[str, float],
+              grad_norm: float | None, tokens_per_second: float, tflops_per_device: float, mfu: float | None):
+        w = self.writer
+        w.add_scalar("learning-rate", learning_rate, iteration)
+        w.add_scalar("learning-rate vs samples", learning_rate, consumed_samples)
+        for name, value in metrics.items():
+            w.add_scalar(name, value, iteration)
+            w.add_scalar(f"{name} vs samples", value, consumed_samples)
+        if grad_norm is not None:
+            w.add_scalar("grad-norm", grad_norm, iteration)
+        w.add_scalar("tokens-per-second", tokens_per_second, iteration)
+        w.add_scalar("throughput-tflops-per-device", tflops_per_device, iteration)
+        if mfu is not None:
+            w.add_scalar("mfu", mfu, iteration)
+
+    def validation(self, iteration: int, consumed_samples: int, metrics: dict[str, float],
+                   lm_loss_name: str = "lm loss"):
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"{name} validation", value, iteration)
+            self.writer.add_scalar(f"{name} validation vs samples", value, consumed_samples)
+            if name == lm_loss_name:
+                self.writer.add_scalar(f"{name} validation ppl", perplexity(value), iteration)
+
+    def flush(self):
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()

@@ -1,0 +1,20 @@
+"""Language-model loss, kept out of the model so parallel plans can swap how it is computed."""
+
+import torch
+import torch.nn.functional as F
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean token cross-entropy in fp32.
+
+    logits [b, s, V] (any float dtype; upcast so bf16 logits do not lose the softmax's precision),
+    labels int64 [b, s], loss_mask [b, s] (1 = counts, 0 = ignored) or None for every token.
+    """
+    flat_logits = logits.float().flatten(0, 1)
+    flat_labels = labels.flatten()
+    if loss_mask is None:
+        return F.cross_entropy(flat_logits, flat_labels)
+    losses = F.cross_entropy(flat_logits, flat_labels, reduction="none")
+    mask = loss_mask.flatten().to(losses.dtype)
+    # clamp: an all-masked micro-batch contributes 0 instead of NaN
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)

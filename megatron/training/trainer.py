@@ -1,0 +1,366 @@
+"""The pretraining loop shared by pretrain_gpt.py and pretrain_retro.py.
+
+    pretrain(cfg, model_provider, forward_step, datasets_provider, flops_per_token=...)
+
+- model_provider(cfg) -> nn.Module, built on this rank's device (it runs under
+  `with torch.device(device)`); the trainer calls its `init_weights()` if it has one.
+- forward_step(model, batch) -> (loss, metrics): `batch` is the loader's dict of tensors, already
+  on the device; `loss` is the scalar to backpropagate; `metrics` maps names to scalar tensors
+  (or floats) to log, e.g. {"lm loss": ...} or RETRO's {"lm loss": ..., "budget loss": ...}.
+  Metrics are averaged over micro-batches, data-parallel ranks and the log interval.
+- datasets_provider(cfg, (n_train, n_valid, n_test)) -> (train, valid, test) datasets (valid and
+  test may be None) of at least that many samples; the counts follow Megatron (`sample_counts`).
+- parallelize_fn(model, cfg, env) -> Parallelized: how the model is spread over the processes.
+  The default, `data_parallel`, leaves it alone on one process and wraps it in DDP when launched
+  with several; megatron/parallel provides the tensor/sequence/FSDP version.
+
+One iteration = one optimizer step on the global batch: global_batch / (micro_batch * dp)
+micro-batches per rank, gradients accumulated (synchronised across ranks only on the last).
+On CPU in fp32 with dropout 0 the loop is deterministic, and a run resumed from a checkpoint
+continues with bit-identical losses: RNG states, optimizer, scheduler and data position are
+all restored.
+"""
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron.data.loader import build_data_loader
+from megatron.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from megatron.training.config import Config
+from megatron.training.flops import gpt_flops_per_token, measure_matmul_peak_flops
+from megatron.training.initialize import DistEnv, initialize_distributed, set_random_seed
+from megatron.training.logging import TensorBoardWriter, format_train_line, format_validation_line
+from megatron.training.lr_schedule import LRScheduler
+from megatron.training.optimizer import build_optimizer
+
+LM_LOSS = "lm loss"
+
+
+@dataclass
+class Parallelized:
+    """The model as the loop drives it, and the data-parallel group it was spread over."""
+    model: nn.Module
+    dp_rank: int = 0
+    dp_size: int = 1
+    dp_group: Any = None  # process group over which metrics are averaged; None when dp_size is 1
+
+
+def data_parallel(model: nn.Module, cfg: Config, env: DistEnv) -> Parallelized:
+    """Default parallelize_fn: the bare model on one process, DDP over every rank otherwise."""
+    p, t = cfg.parallel, cfg.training
+    unsupported = [flag for flag, on in (
+        ("--tensor-model-parallel-size > 1", p.tensor_model_parallel_size > 1),
+        ("--pipeline-model-parallel-size > 1", p.pipeline_model_parallel_size > 1),
+        ("--sequence-parallel", p.sequence_parallel),
+        ("--data-parallel-type fsdp / --use-distributed-optimizer", p.data_parallel_type != "ddp"),
+        ("--use-torch-compile", t.use_torch_compile),
+        ("--recompute-activations / --recompute-granularity", t.recompute_granularity is not None),
+    ) if on]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)}: applied by megatron.parallel's parallelize_fn, "
+                         f"not by the default data-parallel one")
+    if env.world_size == 1:
+        return Parallelized(model)
+    ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return Parallelized(ddp, dp_rank=env.rank, dp_size=env.world_size, dp_group=dist.group.WORLD)
+
+
+def sample_counts(cfg: Config) -> tuple[int, int, int]:
+    """Megatron's dataset sizes: every training sample, one fresh validation batch set per
+    evaluation (plus the final one), one test batch set."""
+    t = cfg.training
+    gbs = t.global_batch_size
+    train = t.train_iters * gbs
+    evals = t.train_iters // t.eval_interval + 1
+    valid = evals * t.eval_iters * gbs
+    test = t.eval_iters * gbs
+    return train, valid, test
+
+
+def _resolve_batch_sizes(cfg: Config, dp_size: int) -> int:
+    """Fills in the global batch size; returns the number of micro-batches per iteration."""
+    t = cfg.training
+    per_step = t.micro_batch_size * dp_size
+    if t.global_batch_size is None:
+        t.global_batch_size = per_step
+    if t.global_batch_size % per_step:
+        raise ValueError(f"--global-batch-size {t.global_batch_size} is not a multiple of --micro-batch-size "
+                         f"{t.micro_batch_size} x data-parallel size {dp_size}")
+    return t.global_batch_size // per_step
+
+
+class _Batches:
+    """This rank's micro-batches from a global sample position; `cyclic` restarts at sample 0
+    when the dataset is used up (validation), otherwise running out is an error."""
+
+    def __init__(self, dataset, cfg: Config, par: Parallelized, consumed: int, cyclic: bool, device):
+        self.dataset, self.cfg, self.par, self.cyclic, self.device = dataset, cfg, par, cyclic, device
+        self.iterator = self._build(consumed)
+
+    def _build(self, consumed: int):
+        return build_data_loader(self.dataset, self.cfg.training.micro_batch_size, consumed,
+                                 self.par.dp_rank, self.par.dp_size, self.cfg.data.num_workers,
+                                 self.cfg.training.seed)
+
+    def next(self) -> dict:
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            if not self.cyclic:
+                raise RuntimeError(f"the training dataset ({len(self.dataset)} samples) ran out; "
+                                   f"it was built for fewer iterations than this run trains") from None
+            self.iterator = self._build(0)
+            batch = next(self.iterator)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+def _grad_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch (DDP and FSDP2 spell it differently)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+    if not enabled and hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _average(sums: dict[str, torch.Tensor], count: int, par: Parallelized) -> dict[str, float]:
+    """Means over `count` local contributions and over the data-parallel ranks, as floats."""
+    if not sums:
+        return {}
+    names = list(sums)
+    values = torch.stack([sums[n].detach().float().reshape(()) for n in names]) / count
+    if par.dp_size > 1:
+        dist.all_reduce(values, group=par.dp_group)  # SUM: gloo has no AVG
+        values /= par.dp_size
+    return dict(zip(names, values.tolist()))
+
+
+def _add_metrics(sums: dict, metrics: dict):
+    for name, value in metrics.items():
+        value = torch.as_tensor(value).detach().float()
+        sums[name] = sums[name] + value if name in sums else value
+
+
+class _Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, par: Parallelized, forward_step: Callable,
+                 optimizer, scheduler, num_micro: int, flops_per_token: float):
+        self.cfg, self.env, self.par, self.forward_step = cfg, env, par, forward_step
+        self.model = par.model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.num_micro = num_micro
+        self.flops_per_token = flops_per_token
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.autocast = lambda: torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.training.bf16)
+
+    def train_step(self, batches: _Batches) -> tuple[dict[str, float], float, bool]:
+        """One optimizer step; returns (metrics, grad norm, whether the update was applied)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = {}
+        for i in range(self.num_micro):
+            batch = batches.next()
+            with _grad_sync(self.model, i == self.num_micro - 1):
+                with self.autocast():
+                    loss, metrics = self.forward_step(self.model, batch)
+                (loss / self.num_micro).backward()
+            _add_metrics(sums, metrics)
+        clip = self.cfg.training.clip_grad
+        grad_norm = nn.utils.clip_grad_norm_(self.params, max_norm=clip if clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # DTensor parameters give a DTensor norm
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        applied = math.isfinite(grad_norm)
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        return _average(sums, self.num_micro, self.par), grad_norm, applied
+
+    @torch.no_grad()
+    def evaluate(self, batches: _Batches, eval_iters: int) -> dict[str, float]:
+        self.model.eval()
+        sums = {}
+        for _ in range(eval_iters * self.num_micro):
+            with self.autocast():
+                _, metrics = self.forward_step(self.model, batches.next())
+            _add_metrics(sums, metrics)
+        self.model.train()
+        return _average(sums, eval_iters * self.num_micro, self.par)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _print_config(cfg: Config):
+    print("------------------------ arguments ------------------------", flush=True)
+    for section in fields(cfg):
+        value = getattr(cfg, section.name)
+        items = asdict(value).items() if section.name != "extra" else (
+            (k, asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in value.items())
+        for name, v in items:
+            print(f"  {section.name}.{name} {'.' * max(1, 40 - len(section.name) - len(name))} {v}")
+    print("-------------------- end of arguments ---------------------", flush=True)
+
+
+def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, datasets_provider: Callable, *,
+             flops_per_token: float | None = None, parallelize_fn: Callable = data_parallel,
+             env: DistEnv | None = None) -> dict:
+    """Train as `cfg` says; returns a summary for scripts and tests:
+
+    {"iteration", "consumed_train_samples", "train_loss", "validation_loss" (lm loss, None if never
+    evaluated), "train_history": [(iteration, metrics)], "validation_history": [(iteration, metrics)]}.
+    flops_per_token: training FLOPs per token for TFLOP/s and MFU (default: the GPT formula).
+    """
+    env = env or initialize_distributed(cfg.parallel)
+    say = (lambda msg: print(msg, flush=True)) if env.is_last_rank else (lambda msg: None)
+    t, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
+    pp = cfg.parallel.pipeline_model_parallel_size
+    set_random_seed(t.seed, pipeline_rank=env.rank // (env.world_size // pp) if env.world_size % pp == 0 else 0)
+    if flops_per_token is None:
+        flops_per_token = gpt_flops_per_token(cfg.model)
+
+    with torch.device(env.device):
+        model = model_provider(cfg)
+    if hasattr(model, "init_weights"):
+        model.init_weights()
+    num_params = sum(p.numel() for p in model.parameters())
+    par = parallelize_fn(model, cfg, env)
+    num_micro = _resolve_batch_sizes(cfg, par.dp_size)
+    gbs = t.global_batch_size
+    if env.is_last_rank:
+        _print_config(cfg)
+    say(f" > number of parameters: {num_params} on {env.world_size} process(es), device {env.device}, "
+        f"data-parallel size {par.dp_size}, {num_micro} micro-batch(es) per iteration")
+
+    optimizer = build_optimizer(par.model, t)
+    scheduler = LRScheduler(optimizer, t)
+    state = TrainState()
+    if ck.load:
+        loaded = load_checkpoint(ck.load, par.model, optimizer, scheduler, step=ck.ckpt_step,
+                                 load_optim=not ck.no_load_optim, load_rng=not ck.no_load_rng,
+                                 model_config=asdict(cfg.model))
+        if loaded is None:
+            say(f"WARNING: no checkpoint found in {ck.load}; training from scratch")
+        else:
+            state = loaded
+            say(f" > loaded checkpoint from {ck.load} at iteration {state.iteration} "
+                f"(consumed samples: {state.consumed_train_samples})")
+
+    say(" > building train, validation, and test datasets ...")
+    counts = sample_counts(cfg)
+    train_ds, valid_ds, _ = datasets_provider(cfg, counts)
+    if train_ds is None:
+        raise ValueError(f"no training data: --split {cfg.data.split} leaves the train split empty")
+    train_batches = _Batches(train_ds, cfg, par, state.consumed_train_samples, cyclic=False, device=env.device)
+    do_eval = valid_ds is not None and t.eval_iters > 0
+    valid_batches = _Batches(valid_ds, cfg, par, state.consumed_valid_samples % len(valid_ds), cyclic=True,
+                             device=env.device) if do_eval else None
+
+    peak_flops = None
+    if env.is_last_rank:
+        if lg.peak_tflops is not None:
+            peak_flops = lg.peak_tflops * 1e12
+        else:
+            dtype = torch.bfloat16 if t.bf16 else torch.float32
+            peak_flops = measure_matmul_peak_flops(env.device, dtype)
+            say(f" > measured {dtype} matmul peak of {env.device}: {peak_flops / 1e12:.3f} TFLOP/s (used for MFU)")
+    tensorboard = TensorBoardWriter(lg.tensorboard_dir) if lg.tensorboard_dir and env.is_last_rank else None
+
+    trainer = _Trainer(cfg, env, par, forward_step, optimizer, scheduler, num_micro, flops_per_token)
+    train_history, validation_history = [], []
+    interval_sums, interval_count, interval_time = {}, 0, 0.0
+    interval_iters = skipped = nan_iters = 0
+    last_saved = last_evaluated = state.iteration
+    config_dict = asdict(cfg)
+
+    def save():
+        nonlocal last_saved
+        save_checkpoint(ck.save, state, par.model, optimizer, scheduler, config_dict, keep_last_n=ck.keep_last_n)
+        last_saved = state.iteration
+        say(f"  successfully saved checkpoint at iteration {state.iteration:7d} to {ck.save}")
+
+    def validate(suffix: str = ""):
+        nonlocal last_evaluated
+        metrics = trainer.evaluate(valid_batches, t.eval_iters)
+        state.consumed_valid_samples += t.eval_iters * gbs
+        last_evaluated = state.iteration
+        validation_history.append((state.iteration, metrics))
+        line = format_validation_line(state.iteration, metrics, LM_LOSS, suffix)
+        say("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
+        if tensorboard:
+            tensorboard.validation(state.iteration, state.consumed_train_samples, metrics, LM_LOSS)
+
+    say(" > training ...")
+    par.model.train()
+    while state.iteration < t.train_iters:
+        lr = scheduler.current_lr()
+        _sync(env.device)
+        start = time.perf_counter()
+        metrics, grad_norm, applied = trainer.train_step(train_batches)
+        _sync(env.device)
+        interval_time += time.perf_counter() - start
+        state.iteration += 1
+        state.consumed_train_samples += gbs
+        train_history.append((state.iteration, metrics))
+        interval_iters += 1
+        if not math.isfinite(metrics.get(LM_LOSS, 0.0)):
+            nan_iters += 1
+        if applied:
+            _add_metrics(interval_sums, metrics)
+            interval_count += 1
+        else:
+            skipped += 1
+
+        if state.iteration % lg.log_interval == 0:
+            averaged = {k: float(v) / max(1, interval_count) for k, v in interval_sums.items()}
+            tokens_per_s = interval_iters * gbs * cfg.model.seq_length / interval_time
+            flops_per_device = tokens_per_s * flops_per_token / env.world_size
+            mfu = flops_per_device / peak_flops if peak_flops else None
+            say(format_train_line(
+                iteration=state.iteration, train_iters=t.train_iters,
+                consumed_samples=state.consumed_train_samples,
+                elapsed_ms=1000.0 * interval_time / interval_iters, learning_rate=lr, global_batch_size=gbs,
+                metrics=averaged, grad_norm=grad_norm, skipped_iterations=skipped, nan_iterations=nan_iters,
+                tokens_per_second=tokens_per_s, tflops_per_device=flops_per_device / 1e12, mfu=mfu))
+            if tensorboard:
+                tensorboard.train(state.iteration, state.consumed_train_samples, lr, averaged, grad_norm,
+                                  tokens_per_s, flops_per_device / 1e12, mfu)
+            interval_sums, interval_count, interval_time = {}, 0, 0.0
+            interval_iters = skipped = nan_iters = 0
+
+        if do_eval and state.iteration % t.eval_interval == 0:
+            validate()
+        if ck.save and ck.save_interval and state.iteration % ck.save_interval == 0:
+            save()
+        if t.exit_interval and state.iteration % t.exit_interval == 0:
+            say(f" > exiting at iteration {state.iteration} (--exit-interval {t.exit_interval})")
+            break
+
+    if ck.save and last_saved != state.iteration:
+        save()
+    if do_eval and last_evaluated != state.iteration:
+        validate(" on validation set")
+    if tensorboard:
+        tensorboard.close()
+
+    last_valid = validation_history[-1][1] if validation_history else {}
+    last_train = train_history[-1][1] if train_history else {}
+    return {
+        "iteration": state.iteration,
+        "consumed_train_samples": state.consumed_train_samples,
+        "train_loss": last_train.get(LM_LOSS),
+        "validation_loss": last_valid.get(LM_LOSS),
+        "train_history": train_history,
+        "validation_history": validation_history,
+    }
