@@ -18,6 +18,8 @@ the global batch, the gradient is that of the global batch's mean loss.
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+
+from megatron.parallel.mesh import ParallelMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
@@ -29,7 +31,7 @@ def mixed_precision_policy(bf16: bool) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+def data_parallel_mesh(mesh: ParallelMesh) -> DeviceMesh:
     """The mesh FSDP2 reads: 1-D (dp_shard) for plain FSDP, 2-D (dp_replicate, dp_shard) for HSDP
     and DDP, where its first dimension replicates and the second shards."""
     if mesh["dp_replicate"].size() == 1:
@@ -37,7 +39,7 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
     return mesh["dp_replicate", "dp_shard"]
 
 
-def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, *, bf16: bool = False,
+def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, *, bf16: bool = False,
                         reshard_after_forward: bool = True) -> nn.Module:
     """``fully_shard`` each block of ``model.layers`` and then the root, in place.
 

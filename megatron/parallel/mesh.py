@@ -86,7 +86,24 @@ def default_backend(cfg: ParallelConfig) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(cfg: ParallelConfig) -> DeviceMesh | None:
+@dataclass(frozen=True)
+class ParallelMesh:
+    """The world mesh plus its flattened data-parallel mesh, both indexable by name:
+    ``mesh["tp"]``, ``mesh["dp"]``, ``mesh["dp_replicate", "dp_shard"]``."""
+
+    world: DeviceMesh
+    dp: DeviceMesh
+
+    def __getitem__(self, names) -> DeviceMesh:
+        # DeviceMesh is deprecating slicing a flattened dimension from the root, so "dp" is kept here.
+        return self.dp if names == "dp" else self.world[names]
+
+    @property
+    def shape(self) -> MeshShape:
+        return MeshShape(*(self.world[name].size() for name in MESH_DIM_NAMES))
+
+
+def init_distributed(cfg: ParallelConfig) -> ParallelMesh | None:
     """Join the process group torchrun/srun described in the environment and build the mesh.
 
     Returns None for a plain single-process run (no WORLD_SIZE in the environment): nothing
@@ -104,17 +121,15 @@ def init_distributed(cfg: ParallelConfig) -> DeviceMesh | None:
     return build_device_mesh(cfg, device_type_for(backend))
 
 
-def build_device_mesh(cfg: ParallelConfig, device_type: str = "cpu") -> DeviceMesh:
+def build_device_mesh(cfg: ParallelConfig, device_type: str = "cpu") -> ParallelMesh:
     """The mesh over the already initialised default process group."""
     shape = mesh_shape(cfg, dist.get_world_size())
-    mesh = init_device_mesh(device_type, shape.as_tuple(), mesh_dim_names=MESH_DIM_NAMES)
-    # DeviceMesh offers flattening only as _flatten (TorchTitan uses it the same way); the
-    # flattened "dp" group is what the data loader and the loss average use.
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    return mesh
+    world = init_device_mesh(device_type, shape.as_tuple(), mesh_dim_names=MESH_DIM_NAMES)
+    # DeviceMesh offers flattening only as _flatten (TorchTitan uses it the same way).
+    return ParallelMesh(world=world, dp=world["dp_replicate", "dp_shard"]._flatten("dp"))
 
 
-def data_parallel_rank_and_size(mesh: DeviceMesh | None) -> tuple[int, int]:
+def data_parallel_rank_and_size(mesh: ParallelMesh | None) -> tuple[int, int]:
     """(rank, size) of this process in the data-parallel group: the data loader takes slice
     ``rank`` of ``size`` of every global batch, so the global batch is the one a single process sees."""
     if mesh is None:

@@ -7,16 +7,16 @@ DTensors once more on the data-parallel dimension and hooks the blocks' forward/
 """
 
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 
 from megatron.parallel.activation_checkpoint import apply_activation_checkpointing
 from megatron.parallel.compile import compile_blocks
 from megatron.parallel.data_parallel import apply_data_parallel
+from megatron.parallel.mesh import ParallelMesh
 from megatron.parallel.tensor_parallel import parallelize_tensor_parallel
 from megatron.training.config import ParallelConfig
 
 
-def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: DeviceMesh | None, *,
+def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: ParallelMesh | None, *,
                       bf16: bool = False, recompute_granularity: str | None = None,
                       compile: bool = False, compile_backend: str = "inductor",
                       loss_parallel: bool = True) -> nn.Module:
@@ -44,7 +44,7 @@ def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: Devi
     return model
 
 
-def needs_autocast(mesh: DeviceMesh | None, bf16: bool) -> bool:
+def needs_autocast(mesh: ParallelMesh | None, bf16: bool) -> bool:
     """bf16 comes from FSDP2's mixed-precision policy when data parallel is applied; otherwise
     (one process, or TP only) the trainer must run forward under ``torch.autocast(bf16)``."""
     return bf16 and (mesh is None or mesh["dp"].size() == 1)

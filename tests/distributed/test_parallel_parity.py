@@ -32,6 +32,11 @@ TWO_PROC_LAYOUTS = {
     "tp2_sp_selective": dict(parallel=dict(tensor_model_parallel_size=2, sequence_parallel=True),
                              recompute="selective"),
     "fsdp2_full_recompute": dict(parallel=dict(data_parallel_type="fsdp"), recompute="full"),
+    # aot_eager traces the blocks with dynamo/AOTAutograd (DTensor and FSDP hooks included)
+    # without inductor's C++ compile time; inductor itself is checked on one process.
+    "tp2_sp_compile": dict(parallel=dict(tensor_model_parallel_size=2, sequence_parallel=True),
+                           compile=True, compile_backend="aot_eager"),
+    "fsdp2_compile": dict(parallel=dict(data_parallel_type="fsdp"), compile=True, compile_backend="aot_eager"),
 }
 FOUR_PROC_LAYOUTS = {
     "dp2_tp2": dict(parallel=dict(tensor_model_parallel_size=2, sequence_parallel=True,
