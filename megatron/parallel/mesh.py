@@ -14,11 +14,8 @@ checking. The two data-parallel dimensions are also flattened into ``mesh["dp"]`
 over which data is split and losses are averaged.
 """
 
-import os
 from dataclasses import dataclass
-from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -76,16 +73,6 @@ def mesh_shape(cfg: ParallelConfig, world_size: int) -> MeshShape:
     raise ValueError(f"unknown --data-parallel-type {cfg.data_parallel_type!r} (expected ddp or fsdp)")
 
 
-def device_type_for(backend: str) -> str:
-    return "cuda" if backend == "nccl" else "cpu"
-
-
-def default_backend(cfg: ParallelConfig) -> str:
-    if cfg.distributed_backend is not None:
-        return cfg.distributed_backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
 @dataclass(frozen=True)
 class ParallelMesh:
     """The world mesh plus its flattened data-parallel mesh, both indexable by name:
@@ -103,26 +90,9 @@ class ParallelMesh:
         return MeshShape(*(self.world[name].size() for name in MESH_DIM_NAMES))
 
 
-def init_distributed(cfg: ParallelConfig) -> ParallelMesh | None:
-    """Join the process group torchrun/srun described in the environment and build the mesh.
-
-    Returns None for a plain single-process run (no WORLD_SIZE in the environment): nothing
-    distributed is set up then, and ``parallelize_model`` applies only the single-device switches.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1 and not dist.is_initialized():
-        mesh_shape(cfg, 1)  # still reject flags that cannot hold on one process
-        return None
-    backend = default_backend(cfg)
-    if not dist.is_initialized():
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(minutes=cfg.distributed_timeout_minutes))
-    return build_device_mesh(cfg, device_type_for(backend))
-
-
 def build_device_mesh(cfg: ParallelConfig, device_type: str = "cpu") -> ParallelMesh:
-    """The mesh over the already initialised default process group."""
+    """The mesh over the already initialised default process group (see
+    megatron.training.initialize.initialize_distributed); device_type "cuda" or "cpu"."""
     shape = mesh_shape(cfg, dist.get_world_size())
     world = init_device_mesh(device_type, shape.as_tuple(), mesh_dim_names=MESH_DIM_NAMES)
     # DeviceMesh offers flattening only as _flatten (TorchTitan uses it the same way).

@@ -11,9 +11,11 @@ from torch import nn
 from megatron.parallel.activation_checkpoint import apply_activation_checkpointing
 from megatron.parallel.compile import compile_blocks
 from megatron.parallel.data_parallel import apply_data_parallel
-from megatron.parallel.mesh import ParallelMesh
+from megatron.parallel.mesh import ParallelMesh, build_device_mesh, data_parallel_rank_and_size, mesh_shape
 from megatron.parallel.tensor_parallel import parallelize_tensor_parallel
-from megatron.training.config import ParallelConfig
+from megatron.training.config import Config, ParallelConfig
+from megatron.training.initialize import DistEnv
+from megatron.training.trainer import Parallelized
 
 
 def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: ParallelMesh | None, *,
@@ -23,8 +25,8 @@ def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: Para
     """Apply TP(+SP), activation checkpointing, compile and FSDP/DDP to ``model`` in place.
 
     With pipeline parallelism, call it on each stage's module (a stage may lack the embedding
-    or the head). ``mesh`` comes from ``megatron.parallel.mesh.init_distributed`` (None on a single process:
-    only recompute and compile apply). Build and initialise the model before (same seed on every
+    or the head). ``mesh`` comes from ``megatron.parallel.mesh.build_device_mesh`` (None on a
+    single process: only recompute and compile apply). Build and initialise the model before (same seed on every
     rank), move it to its device, then call this; create the optimizer after.
 
     With tensor parallelism and ``loss_parallel`` the model returns vocabulary-sharded DTensor
@@ -48,3 +50,24 @@ def needs_autocast(mesh: ParallelMesh | None, bf16: bool) -> bool:
     """bf16 comes from FSDP2's mixed-precision policy when data parallel is applied; otherwise
     (one process, or TP only) the trainer must run forward under ``torch.autocast(bf16)``."""
     return bf16 and (mesh is None or mesh["dp"].size() == 1)
+
+
+def parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv, *, loss_parallel: bool = False) -> Parallelized:
+    """The trainer's hook (``pretrain(..., parallelize_fn=parallelize_fn)``): build the mesh from
+    the flags and apply everything ``cfg`` asks for.
+
+    ``loss_parallel=True`` keeps the logits vocabulary-sharded (no [b, s, V] gather); it needs
+    the trainer to run forward_step and backward inside ``loss_parallel_context(model)`` and the
+    loss to accept DTensor logits. Off, the head gathers the logits and any loss works.
+    """
+    if env.is_distributed:
+        mesh = build_device_mesh(cfg.parallel, env.device.type)
+    else:
+        mesh_shape(cfg.parallel, 1)  # reject flags that cannot hold on one process
+        mesh = None
+    t = cfg.training
+    parallelize_model(model, cfg.parallel, mesh, bf16=t.bf16, recompute_granularity=t.recompute_granularity,
+                      compile=t.use_torch_compile, loss_parallel=loss_parallel)
+    dp_rank, dp_size = data_parallel_rank_and_size(mesh)
+    return Parallelized(model, dp_rank=dp_rank, dp_size=dp_size,
+                        dp_group=mesh["dp"].get_group() if dp_size > 1 else None)

@@ -22,10 +22,11 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from megatron.models.gpt.model import GPTModel
-from megatron.parallel.mesh import data_parallel_rank_and_size, init_distributed
+from megatron.parallel.mesh import build_device_mesh, data_parallel_rank_and_size
 from megatron.parallel.parallelize import parallelize_model
 from megatron.parallel.tensor_parallel import loss_parallel_context
 from megatron.training.config import ModelConfig, ParallelConfig
+from megatron.training.initialize import initialize_distributed
 
 GLOBAL_BATCH = 4
 SEQ = 32
@@ -110,7 +111,8 @@ def run(spec: dict) -> dict:
     """Train one layout; rank-independent result (every rank returns the same)."""
     kind = spec.get("kind", "gpt")
     parallel_cfg = ParallelConfig(**spec.get("parallel", {}))
-    mesh = init_distributed(parallel_cfg)
+    env = initialize_distributed(parallel_cfg)
+    mesh = build_device_mesh(parallel_cfg, env.device.type) if env.is_distributed else None
     model = build_model(kind)
     parallelize_model(model, parallel_cfg, mesh, bf16=spec.get("bf16", False),
                       recompute_granularity=spec.get("recompute"), compile=spec.get("compile", False),
