@@ -1,0 +1,150 @@
+"""DCP checkpoints: exact round trip, atomic publication, latest pointer, keep-last-N."""
+
+import os
+import shutil
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from megatron.models.gpt.model import GPTModel
+from megatron.training import checkpointing as ckpt
+from megatron.training.checkpointing import (
+    TRACKER_FILE,
+    TrainState,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from megatron.training.config import ModelConfig, TrainingConfig
+from megatron.training.loss import lm_loss
+from megatron.training.lr_schedule import LRScheduler
+from megatron.training.optimizer import build_optimizer
+
+MODEL = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=8, vocab_size=32)
+TRAIN = TrainingConfig(lr=1e-2, lr_warmup_iters=2, train_iters=10)
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = GPTModel(MODEL)
+    model.init_weights()
+    opt = build_optimizer(model, TRAIN)
+    return model, opt, LRScheduler(opt, TRAIN)
+
+
+def _step(model, opt, sched) -> float:
+    tokens = torch.randint(0, MODEL.vocab_size, (2, MODEL.seq_length + 1))  # draws from the global RNG
+    loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+def _save(root, iteration, model, opt, sched, keep=None):
+    return save_checkpoint(root, TrainState(iteration, 8 * iteration, 2 * iteration), model, opt, sched,
+                           {"model": asdict(MODEL)}, keep_last_n=keep)
+
+
+def test_resume_continues_bit_exactly(tmp_path):
+    model, opt, sched = _setup()
+    for _ in range(3):
+        _step(model, opt, sched)
+    _save(tmp_path, 3, model, opt, sched)
+    expected = [_step(model, opt, sched) for _ in range(3)]
+
+    model2, opt2, sched2 = _setup(seed=99)  # different weights and RNG until loaded
+    state = load_checkpoint(str(tmp_path), model2, opt2, sched2, model_config=asdict(MODEL))
+    assert state == TrainState(3, 24, 6)
+    assert sched2.num_steps == 3
+    assert [_step(model2, opt2, sched2) for _ in range(3)] == expected  # exact, not approximate
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_no_load_optim_and_rng_load_only_the_model(tmp_path):
+    model, opt, sched = _setup()
+    _step(model, opt, sched)
+    _save(tmp_path, 1, model, opt, sched)
+    model2, opt2, sched2 = _setup(seed=5)
+    torch.manual_seed(123)
+    load_checkpoint(str(tmp_path), model2, opt2, sched2, load_optim=False, load_rng=False)
+    assert torch.equal(model2.tok_embeddings.weight, model.tok_embeddings.weight)
+    assert opt2.state == {} and sched2.num_steps == 0
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(123).get_state())
+
+
+def test_layout_tracker_and_only_complete_directories_load(tmp_path):
+    model, opt, sched = _setup()
+    root = str(tmp_path)
+    path = _save(root, 2, model, opt, sched)
+    assert os.path.basename(path) == "iter_0000002"
+    assert {".metadata", "config.json"} <= set(os.listdir(path))
+    assert open(os.path.join(root, TRACKER_FILE)).read() == "2\n"
+    assert sorted(os.listdir(root)) == ["iter_0000002", TRACKER_FILE]  # no temporary names left
+
+    # A newer but unfinished save (temporary name) and a directory without DCP's .metadata.
+    shutil.copytree(path, os.path.join(root, "iter_0000007.tmp-4242"))
+    os.makedirs(os.path.join(root, "iter_0000009"))
+    shutil.copy(os.path.join(path, "config.json"), os.path.join(root, "iter_0000009"))
+    assert find_checkpoint(root) == (2, path)
+    os.remove(os.path.join(root, TRACKER_FILE))
+    assert find_checkpoint(root) == (2, path)  # no tracker: newest complete directory
+    with pytest.raises(ValueError, match="iter_0000009"):
+        find_checkpoint(root, step=9)
+    assert find_checkpoint(str(tmp_path / "empty")) is None
+    assert load_checkpoint(str(tmp_path / "empty"), model) is None
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    class Killed(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Killed(code)
+
+    model, opt, sched = _setup()
+    root = str(tmp_path)
+    _save(root, 1, model, opt, sched)
+    expected = model.tok_embeddings.weight.detach().clone()
+    _step(model, opt, sched)
+    monkeypatch.setattr(ckpt.os, "_exit", fake_exit)
+    monkeypatch.setenv(ckpt.KILL_DURING_SAVE_ENV, "2")
+    with pytest.raises(Killed):
+        _save(root, 2, model, opt, sched)
+    leftovers = sorted(os.listdir(root))
+    assert leftovers == ["iter_0000001", f"iter_0000002.tmp-{os.getpid()}", TRACKER_FILE]
+    assert open(os.path.join(root, TRACKER_FILE)).read() == "1\n"
+
+    model2, opt2, sched2 = _setup(seed=3)
+    assert load_checkpoint(root, model2, opt2, sched2).iteration == 1
+    assert torch.equal(model2.tok_embeddings.weight, expected)
+
+    monkeypatch.delenv(ckpt.KILL_DURING_SAVE_ENV)
+    _save(root, 2, model2, opt2, sched2)  # a later successful save clears the debris
+    assert sorted(os.listdir(root)) == ["iter_0000001", "iter_0000002", TRACKER_FILE]
+
+
+def test_keep_last_n_deletes_older_complete_checkpoints(tmp_path):
+    model, opt, sched = _setup()
+    root = str(tmp_path)
+    _save(root, 9, model, opt, sched)  # from a run this one was resumed before: not older
+    for it in range(1, 6):
+        _save(root, it, model, opt, sched, keep=2)
+    assert [it for it, _ in list_checkpoints(root)] == [4, 5, 9]
+    assert open(os.path.join(root, TRACKER_FILE)).read() == "5\n"
+    _save(root, 5, model, opt, sched, keep=2)  # the same iteration saved again replaces it
+    assert [it for it, _ in list_checkpoints(root)] == [4, 5, 9]
+
+
+def test_a_different_architecture_is_refused_by_name(tmp_path):
+    model, opt, sched = _setup()
+    _save(tmp_path, 1, model, opt, sched)
+    other = asdict(MODEL) | {"normalization": "LayerNorm"}
+    with pytest.raises(ValueError, match="normalization"):
+        load_checkpoint(str(tmp_path), model, opt, sched, model_config=other)
+    dropout_changed = asdict(MODEL) | {"hidden_dropout": 0.1}
+    assert load_checkpoint(str(tmp_path), model, opt, sched, model_config=dropout_changed).iteration == 1

@@ -1,0 +1,122 @@
+"""The pretraining loop on a synthetic in-memory dataset: accumulation, resume, exit, logging."""
+
+import numpy as np
+import pytest
+import torch
+
+from megatron.models.gpt.model import GPTModel
+from megatron.training.arguments import parse_args
+from megatron.training.initialize import _launcher_env, initialize_distributed
+from megatron.training.loss import lm_loss
+from megatron.training.trainer import LM_LOSS, data_parallel, pretrain, sample_counts
+
+VOCAB = 64
+SEQ = 16
+
+
+class CountingDataset:
+    """Sample i: tokens (7 * i + t) % VOCAB; learnable, and different for every sample."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"text": (7 * i + np.arange(SEQ + 1, dtype=np.int64)) % VOCAB}
+
+
+def datasets_provider(cfg, counts):
+    return CountingDataset(counts[0]), CountingDataset(counts[1]), None
+
+
+def model_provider(cfg):
+    return GPTModel(cfg.model)
+
+
+def forward_step(model, batch):
+    text = batch["text"]
+    loss = lm_loss(model(text[:, :-1]), text[:, 1:])
+    return loss, {LM_LOSS: loss.detach(), "twice": 2 * loss.detach()}
+
+
+def _cfg(*extra):
+    cfg = parse_args(["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2",
+                      "--seq-length", str(SEQ), "--micro-batch-size", "2", "--global-batch-size", "4",
+                      "--train-iters", "6", "--lr", "1e-2", "--lr-warmup-iters", "2", "--eval-interval", "3",
+                      "--eval-iters", "1", "--log-interval", "1", "--peak-tflops", "1", *extra])
+    cfg.model.vocab_size = VOCAB
+    return cfg
+
+
+def _run(*extra):
+    return pretrain(_cfg(*extra), model_provider, forward_step, datasets_provider)
+
+
+def test_megatron_sample_counts():
+    cfg = _cfg("--train-iters", "100", "--eval-interval", "30", "--eval-iters", "5", "--global-batch-size", "8")
+    assert sample_counts(cfg) == (800, (100 // 30 + 1) * 5 * 8, 5 * 8)
+
+
+def test_training_logs_megatron_lines_and_learns(capsys):
+    summary = _run("--train-iters", "12", "--eval-interval", "6")
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith(" iteration ")]
+    assert len(lines) == 12
+    assert "consumed samples:           48 |" in lines[-1] and "global batch size:     4 |" in lines[-1]
+    assert "twice: " in lines[-1]
+    assert out.count(" validation loss at iteration ") == 2
+    history = [m[LM_LOSS] for _, m in summary["train_history"]]
+    assert summary["iteration"] == 12 and summary["train_loss"] == history[-1]
+    assert history[-1] < history[0] - 0.5
+    assert summary["validation_loss"] == summary["validation_history"][-1][1][LM_LOSS]
+
+
+def test_gradient_accumulation_matches_one_big_micro_batch():
+    accumulated = _run("--micro-batch-size", "1", "--global-batch-size", "4")
+    single = _run("--micro-batch-size", "4", "--global-batch-size", "4")
+    a = [m[LM_LOSS] for _, m in accumulated["train_history"]]
+    b = [m[LM_LOSS] for _, m in single["train_history"]]
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_exit_then_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    full = _run()
+    first = _run("--save", str(tmp_path), "--exit-interval", "3")
+    assert first["iteration"] == 3 and (tmp_path / "iter_0000003").is_dir()
+    resumed = _run("--load", str(tmp_path), "--save", str(tmp_path))
+    assert resumed["train_history"] == full["train_history"][3:]  # exact floats
+    assert resumed["validation_history"] == full["validation_history"][1:]
+    assert (tmp_path / "iter_0000006").is_dir()
+
+
+def test_non_finite_gradients_skip_the_update(capsys):
+    def nan_step(model, batch):
+        loss, metrics = forward_step(model, batch)
+        return loss * float("nan"), metrics
+
+    skipped = pretrain(_cfg("--train-iters", "2", "--eval-iters", "0"), model_provider, nan_step, datasets_provider)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(" iteration ")]
+    assert "number of skipped iterations:   1" in lines[-1]
+    assert skipped["validation_loss"] is None
+    frozen = _run("--train-iters", "2", "--eval-iters", "0", "--lr", "0", "--min-lr", "0")
+    assert skipped["train_history"] == frozen["train_history"]  # the weights never moved
+
+
+def test_default_parallelism_refuses_what_it_cannot_do():
+    env = initialize_distributed(_cfg().parallel, environ={})
+    with pytest.raises(ValueError, match="--tensor-model-parallel-size"):
+        data_parallel(torch.nn.Linear(2, 2), _cfg("--tensor-model-parallel-size", "2"), env)
+    assert data_parallel(torch.nn.Linear(2, 2), _cfg(), env).dp_size == 1
+
+
+def test_launcher_environment_is_read_from_torchrun_or_slurm():
+    assert _launcher_env({}) is None
+    assert _launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None  # one task: plain process
+    assert _launcher_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == \
+        {"RANK": 3, "WORLD_SIZE": 8, "LOCAL_RANK": 1}
+    assert _launcher_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5"}) == \
+        {"RANK": 5, "WORLD_SIZE": 16, "LOCAL_RANK": 5}
+    env = initialize_distributed(_cfg().parallel, environ={})
+    assert (env.rank, env.world_size, env.is_distributed, env.device.type) == (0, 1, False, "cpu")
