@@ -1,0 +1,177 @@
+"""The retro work dir: its layout, its config.json, and atomic writes into it.
+
+    WD/config.json                   everything that built the work dir (see `describe_build`)
+    WD/db/chunks.npy                 int64 [N, 4]: (dataset_id, document_id, token_offset, length)
+    WD/db/valid.npy                  bool [N]: False where the chunk's BERT text is empty
+    WD/embeddings/block_XXXXXX.npy   float16 [<= block_size, D], chunk b*block_size onwards
+    WD/index/trained.faiss           the trained, empty index
+    WD/index/index.faiss             the index holding every chunk (faiss id == chunk id)
+    WD/neighbors/{train,valid}.npy   int64 [num_samples, l, k], -1 = no neighbour
+    WD/neighbors/{split}_blocks/     query results per block while the query step runs
+    WD/verify.json                   the last verify report
+
+config.json is written when the work dir is created; each later step (and training) compares
+the fields it depends on with its own arguments and refuses a mismatch naming the field.
+Fields a step learns (the chosen index string, the number of chunks) are added as it finishes.
+"""
+
+import json
+import os
+import uuid
+from contextlib import contextmanager
+
+import numpy as np
+
+from megatron.data.blended_dataset import parse_data_path
+
+CONFIG_NAME = "config.json"
+FORMAT_VERSION = 1
+
+
+class WorkDir:
+    """Paths inside a work dir."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.config = os.path.join(self.root, CONFIG_NAME)
+        self.db_dir = os.path.join(self.root, "db")
+        self.chunks = os.path.join(self.db_dir, "chunks.npy")
+        self.valid = os.path.join(self.db_dir, "valid.npy")
+        self.embeddings_dir = os.path.join(self.root, "embeddings")
+        self.index_dir = os.path.join(self.root, "index")
+        self.trained_index = os.path.join(self.index_dir, "trained.faiss")
+        self.index = os.path.join(self.index_dir, "index.faiss")
+        self.neighbors_dir = os.path.join(self.root, "neighbors")
+        self.verify_report = os.path.join(self.root, "verify.json")
+
+    def embedding_block(self, block: int) -> str:
+        return os.path.join(self.embeddings_dir, f"block_{block:06d}.npy")
+
+    def neighbors(self, split: str) -> str:
+        return os.path.join(self.neighbors_dir, f"{split}.npy")
+
+    def neighbor_blocks_dir(self, split: str) -> str:
+        return os.path.join(self.neighbors_dir, f"{split}_blocks")
+
+    def neighbor_block(self, split: str, block: int) -> str:
+        return os.path.join(self.neighbor_blocks_dir(split), f"block_{block:06d}.npy")
+
+
+def temp_name(path: str) -> str:
+    """An unused name beside `path` (same filesystem, so os.replace is atomic)."""
+    return f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def remove_if_present(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+@contextmanager
+def atomic_path(path: str):
+    """Yields a temporary path to write; renamed to `path` only if the block succeeds."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        remove_if_present(tmp)
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "xb") as f:
+            np.save(f, array, allow_pickle=False)
+
+
+@contextmanager
+def open_memmap_atomic(path: str, dtype, shape):
+    """A writable .npy memmap under a temporary name, flushed and renamed into place on success;
+    for arrays too large to build in memory."""
+    with atomic_path(path) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield array
+        array.flush()
+        del array
+
+
+def write_json(path: str, obj) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "x", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def normalize_data_path(data_path) -> list:
+    """Megatron's --data-path as [[weight fraction, absolute prefix], ...], so that equal blends
+    spelled differently ("a" vs "1 ./a", "3 a 7 b" vs "0.3 a 0.7 b") compare equal."""
+    if data_path is None:
+        return None
+    pairs = parse_data_path(list(data_path))
+    total = sum(w for w, _ in pairs)
+    return [[round(w / total, 12), os.path.abspath(p)] for w, p in pairs]
+
+
+# Fields compared after normalisation by check_workdir_matches.
+_NORMALIZERS = {"data_path": normalize_data_path, "db_data_path": normalize_data_path}
+
+
+def load_workdir_config(work_dir: str) -> dict:
+    """The work dir's config.json as a dict; ValueError naming the file when absent or unreadable."""
+    path = WorkDir(work_dir).config
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: not found; {work_dir} is not a retro work dir "
+                         f"(build it with tools/retro/preprocess_data.py --retro-tasks build)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable work dir config: {e}") from e
+    if not isinstance(cfg, dict) or cfg.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported work dir config (format_version "
+                         f"{cfg.get('format_version') if isinstance(cfg, dict) else None!r}, "
+                         f"expected {FORMAT_VERSION})")
+    return cfg
+
+
+def check_workdir_matches(cfg: dict, **expected) -> None:
+    """Raise ValueError naming the first field whose recorded value differs from `expected`.
+
+    A field given as None is not checked ("whatever the work dir holds"). data_path and
+    db_data_path are compared as normalised blends; JSON round trips (tuples -> lists) are
+    ignored.
+    """
+    for field, want in expected.items():
+        if want is None:
+            continue
+        if field not in cfg:
+            raise ValueError(f"retro work dir config has no field {field!r}; it was built by an "
+                             f"older version or an unfinished run: rebuild it")
+        have = cfg[field]
+        normalize = _NORMALIZERS.get(field)
+        if normalize is not None:
+            want = normalize(want)
+        if json.loads(json.dumps(want)) != have:
+            raise ValueError(f"retro work dir does not match: {field} is {have!r} in the work dir "
+                             f"but {want!r} here; use the arguments it was built with or a new "
+                             f"--retro-work-dir")
+
+
+def expected_for_training(data, seq_length: int, seed: int, train_samples: int, valid_samples: int,
+                          tokenizer_fingerprint: str, chunk_length: int | None = None) -> dict:
+    """The fields training must agree on with the work dir, as keyword arguments for
+    check_workdir_matches. `data` is a DataConfig. The GPT datasets' sample order depends on
+    every one of these, so neighbour row i only belongs to training sample i when all match."""
+    return {
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "data_path": list(data.data_path),
+        "split": data.split,
+        "seq_length": seq_length,
+        "seed": seed,
+        "train_samples": train_samples,
+        "valid_samples": valid_samples,
+        "chunk_length": chunk_length,
+    }
