@@ -1,0 +1,68 @@
+"""Chunked cross-attention (CCA, RETRO paper §2.4): decoder tokens attend to the encoded
+neighbours of the chunk that precedes them, one attention call for all chunks of the batch.
+
+Causality by construction: the hidden sequence is shifted left by m - 1 tokens and cut into
+chunks of m, so shifted chunk u holds positions (u+1)m-1 .. (u+2)m-2, i.e. the last token of
+chunk u up to the token before the last of chunk u+1. Those tokens attend to the neighbours of
+chunk u, which were retrieved with (and encoded conditioned on) chunk u only, all of it at or
+before the last token of chunk u. The first m - 1 positions attend to nothing and get zero.
+
+A sequence that is not a multiple of m is padded at the end and cropped back. Masked neighbours
+(id -1 in the work dir) are left out of the keys with a boolean mask; a chunk whose neighbours
+are all masked would make the softmax 0/0, so its keys are unmasked for the call (finite values)
+and its output is set to exactly zero afterwards.
+
+Relative positions (RoPE), as in the paper: a query at shifted-chunk index i sits at position
+m - 1 + i from the start of chunk u, a neighbour token at its index j in 0..r-1 inside its
+neighbour (all k neighbours restart at 0), so scores depend on the offset between where the
+query is in the chunk and where the key is in its neighbour (chunk + continuation).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from megatron.transformer.attention import Attention
+from megatron.transformer.rotary import rope_tables
+
+
+class ChunkedCrossAttention(Attention):
+    """wq/wk/wv/wo as in ``Attention`` (queries from the decoder width ``dim``, keys and values
+    from the encoder width ``kv_dim``); only the chunking around the attention call is added."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, chunk_length: int, kv_dim: int,
+                 bias: bool = False, dropout: float = 0.0, rotary_base: float = 10000.0):
+        super().__init__(dim, num_heads, head_dim, bias=bias, dropout=dropout, kv_dim=kv_dim)
+        self.chunk_length = chunk_length
+        self.rotary_base = rotary_base
+
+    def forward(self, x: torch.Tensor, neighbors: torch.Tensor,
+                neighbor_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [b, s, dim] (normalised decoder states); neighbors: [b, l, k, r, kv_dim] encoded,
+        l = ceil(s / m); neighbor_mask: bool [b, l, k], True = real neighbour (None: all real).
+        Returns [b, s, dim]."""
+        b, s, _ = x.shape
+        _, l, k, r, _ = neighbors.shape
+        m = self.chunk_length
+        # Shift left by m - 1 and pad to l whole chunks (l * m >= s - m + 1 always).
+        shifted = x[:, m - 1:]
+        shifted = F.pad(shifted, (0, 0, 0, l * m - shifted.shape[1]))
+        queries = shifted.reshape(b * l, m, -1)
+        keys = neighbors.reshape(b * l, k * r, -1)
+
+        cos, sin = rope_tables(self.head_dim, max(2 * m - 1, r), self.rotary_base, device=x.device)
+        rope_q = (cos[m - 1:2 * m - 1], sin[m - 1:2 * m - 1])
+        rope_k = (cos[:r].repeat(k, 1), sin[:r].repeat(k, 1))
+
+        attn_mask = has_neighbor = None
+        if neighbor_mask is not None:
+            chunk_mask = neighbor_mask.reshape(b * l, k)
+            has_neighbor = chunk_mask.any(dim=-1)
+            key_mask = chunk_mask | ~has_neighbor[:, None]
+            attn_mask = key_mask[:, :, None].expand(b * l, k, r).reshape(b * l, 1, 1, k * r)
+
+        out = super().forward(queries, kv=keys, rope_q=rope_q, rope_k=rope_k, attn_mask=attn_mask)
+        if has_neighbor is not None:
+            out = out.masked_fill(~has_neighbor[:, None, None], 0.0)
+        # Shift back: the first m - 1 positions receive zero, the padding is cropped.
+        out = out.reshape(b, l * m, -1)
+        return torch.cat((out.new_zeros(b, m - 1, out.shape[-1]), out), dim=1)[:, :s]

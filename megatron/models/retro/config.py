@@ -1,0 +1,76 @@
+"""RetroConfig: the RETRO-specific part of the model (chunks, neighbours, retro layers, encoder).
+
+Filled by pretrain_retro.py from the --retro-* flags; the decoder itself is described by the
+ordinary ModelConfig.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+from megatron.training.config import ModelConfig
+
+ENCODER_CROSS_ATTENTION_MODES = ("first", "all")
+
+
+@dataclass
+class RetroConfig:
+    chunk_length: int = 64  # m
+    num_neighbors: int = 2  # k
+    retrieved_length: int | None = None  # r: neighbour chunk + continuation; None: 2 * chunk_length
+    # 1-based decoder layer numbers that carry chunked cross-attention; None: Megatron-LM's default
+    # (see retro_layer_numbers).
+    decoder_layers: list[int] | None = None
+    encoder_num_layers: int = 2
+    encoder_hidden_size: int | None = None  # None: the decoder's hidden size
+    encoder_num_attention_heads: int | None = None  # None: the decoder's number of heads
+    # Which encoder layers cross-attend to the decoder states of the chunk they serve: the
+    # paper (and Megatron-LM) condition the first encoder layer only.
+    encoder_cross_attention: str = "first"
+    attention_gate: bool = False  # learned sigmoid gate on each CCA output (adaptive retrieval)
+    # Refuse neighbour tensors whose k differs from num_neighbors; False lets evaluation vary k
+    # (the paper evaluates with more neighbours than it trained with).
+    verify_neighbor_count: bool = True
+
+    def __post_init__(self):
+        if self.retrieved_length is None:
+            self.retrieved_length = 2 * self.chunk_length
+        for name in ("chunk_length", "num_neighbors", "retrieved_length", "encoder_num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RetroConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.encoder_cross_attention not in ENCODER_CROSS_ATTENTION_MODES:
+            raise ValueError(
+                f"RetroConfig.encoder_cross_attention {self.encoder_cross_attention!r} not in "
+                f"{ENCODER_CROSS_ATTENTION_MODES}")
+
+    def retro_layer_numbers(self, num_layers: int) -> list[int]:
+        """The 1-based decoder layers carrying CCA, sorted.
+
+        Default (Megatron-LM): every third layer from layer 6 for up to 15 layers, from layer 9
+        above. A model too shallow for that (fewer than 6 layers) falls back to every third layer
+        from layer 2 (2, 5, ...), and a 1-layer model to layer 1, so that a small model still
+        retrieves.
+        """
+        if self.decoder_layers is not None:
+            numbers = sorted(set(self.decoder_layers))
+            bad = [n for n in numbers if not 1 <= n <= num_layers]
+            if bad or not numbers:
+                raise ValueError(
+                    f"--retro-decoder-layers {self.decoder_layers} must name layers in 1..{num_layers}")
+            return numbers
+        start = 6 if num_layers <= 15 else 9
+        numbers = list(range(start, num_layers + 1, 3)) or list(range(2, num_layers + 1, 3))
+        return numbers or [1]
+
+    def encoder_model_config(self, model_cfg: ModelConfig) -> ModelConfig:
+        """The decoder's config resized to the encoder: width, heads, depth, and the FFN width
+        derived for that width (the decoder's own when the widths agree)."""
+        hidden = self.encoder_hidden_size or model_cfg.hidden_size
+        heads = self.encoder_num_attention_heads or model_cfg.num_attention_heads
+        if hidden % heads:
+            raise ValueError(
+                f"--retro-encoder-hidden-size {hidden} is not divisible by "
+                f"--retro-encoder-attention-heads {heads}")
+        same_width = hidden == model_cfg.hidden_size
+        return dataclasses.replace(
+            model_cfg, hidden_size=hidden, num_attention_heads=heads, num_layers=self.encoder_num_layers,
+            ffn_hidden_size=model_cfg.ffn_hidden_size if same_width else None)

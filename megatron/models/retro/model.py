@@ -1,0 +1,160 @@
+"""RetroModel: the GPT decoder where the retro layers also carry chunked cross-attention (CCA)
+between self-attention and MLP, and the first retro layer holds the retrieval encoder.
+
+Per retro layer (RETRO paper, Listing 1):
+    x = x + attention(norm(x))
+    hn = cca_norm(x)
+    E = encoder(neighbours, hn)        first retro layer only; E then feeds every later CCA
+    x = x + gate(cca(hn, E, mask))     the gate only with --retro-attention-gate
+    x = x + mlp(norm(x))
+Without neighbours (retrieval off) a retro layer is exactly a TransformerBlock, and the model
+exactly the GPTModel with the same weights (parameter names are shared, so a GPT state dict
+loads into it with strict=False: only the RETRO parameters are missing).
+
+Plain single-device PyTorch: parallelism is applied from outside (megatron/parallel/).
+"""
+
+import torch
+
+from megatron.models.gpt.model import GPTModel
+from megatron.models.retro.chunked_cross_attention import ChunkedCrossAttention
+from megatron.models.retro.config import RetroConfig
+from megatron.models.retro.encoder import RetroEncoder
+from megatron.models.retro.gate import AttentionGate
+from megatron.training.config import ModelConfig
+from megatron.training.flops import gpt_flops_per_token
+from megatron.transformer.block import TransformerBlock
+from megatron.transformer.norm import build_norm
+
+
+class RetroBlock(TransformerBlock):
+    def __init__(self, cfg: ModelConfig, retro_cfg: RetroConfig, layer_number: int, with_encoder: bool):
+        super().__init__(cfg, layer_number)
+        enc_cfg = retro_cfg.encoder_model_config(cfg)
+        self.cca_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon)
+        self.cca = ChunkedCrossAttention(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, retro_cfg.chunk_length,
+            kv_dim=enc_cfg.hidden_size, bias=cfg.add_bias_linear, dropout=cfg.attention_dropout,
+            rotary_base=cfg.rotary_base)
+        self.encoder = (RetroEncoder(enc_cfg, cfg.hidden_size, retro_cfg.chunk_length,
+                                     retro_cfg.encoder_cross_attention) if with_encoder else None)
+        self.gate = AttentionGate() if retro_cfg.attention_gate else None
+
+    def forward(self, x: torch.Tensor, rope, neighbors: torch.Tensor | None = None,
+                neighbor_mask: torch.Tensor | None = None):
+        """x: [b, s, h]; neighbors: [b, l, k, r, h] embedded neighbour tokens if this layer holds
+        the encoder, else [b, l, k, r, d_enc] encoded ones, or None (retrieval off).
+        Returns (x, encoded neighbours or None)."""
+        x = self.attend(x, rope)
+        if self.gate is not None:
+            self.gate.last_value = None
+        if neighbors is not None:
+            hn = self.cca_norm(x)
+            if self.encoder is not None:
+                neighbors = self.encoder(neighbors, hn)
+            out = self.cca(hn, neighbors, neighbor_mask)
+            if self.gate is not None:
+                out = self.gate(out)
+            x = x + self.dropout(out)
+        return self.feed_forward(x), neighbors
+
+
+class RetroModel(GPTModel):
+    def __init__(self, model_cfg: ModelConfig, retro_cfg: RetroConfig):
+        # GPTModel.__init__ calls build_layer, which needs these; plain attributes may be set
+        # before nn.Module.__init__.
+        self.retro_cfg = retro_cfg
+        self.retro_layer_numbers = retro_cfg.retro_layer_numbers(model_cfg.num_layers)
+        super().__init__(model_cfg)
+
+    def build_layer(self, layer_number: int):
+        if layer_number not in self.retro_layer_numbers:
+            return super().build_layer(layer_number)
+        return RetroBlock(self.cfg, self.retro_cfg, layer_number,
+                          with_encoder=layer_number == self.retro_layer_numbers[0])
+
+    def check_neighbors(self, tokens: torch.Tensor, neighbor_tokens: torch.Tensor,
+                        neighbor_mask: torch.Tensor | None):
+        b, s = tokens.shape
+        m, r = self.retro_cfg.chunk_length, self.retro_cfg.retrieved_length
+        l = -(-s // m)
+        if neighbor_tokens.dim() != 4:
+            raise ValueError(f"neighbor_tokens must be [b, l, k, r], got shape {tuple(neighbor_tokens.shape)}")
+        nb, nl, k, nr = neighbor_tokens.shape
+        if (nb, nl, nr) != (b, l, r):
+            raise ValueError(
+                f"neighbor_tokens shape {tuple(neighbor_tokens.shape)} does not fit tokens {tuple(tokens.shape)}: "
+                f"expected [{b}, {l} chunks of {m}, k, {r} retrieved tokens]")
+        if self.retro_cfg.verify_neighbor_count and k != self.retro_cfg.num_neighbors:
+            raise ValueError(f"neighbor_tokens hold {k} neighbours per chunk, --retro-num-neighbors is "
+                             f"{self.retro_cfg.num_neighbors}")
+        if neighbor_mask is not None and tuple(neighbor_mask.shape) != (b, l, k):
+            raise ValueError(f"neighbor_mask shape {tuple(neighbor_mask.shape)}, expected {(b, l, k)}")
+
+    def embed_neighbors(self, neighbor_tokens: torch.Tensor, neighbor_mask: torch.Tensor | None) -> torch.Tensor:
+        """[b, l, k, r] ids -> [b, l, k, r, h] with the decoder's embedding. Masked neighbours'
+        ids may be anything (-1 included): they are replaced by 0 before the lookup."""
+        if neighbor_mask is not None:
+            neighbor_tokens = neighbor_tokens.masked_fill(~neighbor_mask[..., None], 0)
+        return self.tok_embeddings(neighbor_tokens)
+
+    def forward(self, tokens: torch.Tensor, neighbor_tokens: torch.Tensor | None = None,
+                neighbor_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [b, s]; neighbor_tokens [b, l, k, r] (None: retrieval off), l = ceil(s / m);
+        neighbor_mask bool [b, l, k], True = real neighbour (None: all real). -> logits [b, s, V]."""
+        h = self.tok_embeddings(tokens)
+        rope = self.rope(tokens.shape[1])
+        neighbors = None
+        if neighbor_tokens is not None:
+            self.check_neighbors(tokens, neighbor_tokens, neighbor_mask)
+            neighbors = self.embed_neighbors(neighbor_tokens, neighbor_mask)
+        for layer in self.layers.values():
+            if isinstance(layer, RetroBlock):
+                h, neighbors = layer(h, rope, neighbors, neighbor_mask)
+            else:
+                h = layer(h, rope)
+        return self.output(self.norm(h))
+
+    def gate_mean(self) -> torch.Tensor | None:
+        """Mean over retro layers of the gate values used by the last forward (a differentiable
+        scalar, for the budget loss); None without --retro-attention-gate or when the last
+        forward ran without neighbours."""
+        values = [layer.gate.last_value for layer in self.layers.values()
+                  if isinstance(layer, RetroBlock) and layer.gate is not None and layer.gate.last_value is not None]
+        return torch.cat(values).mean() if values else None
+
+
+def retro_flops_per_token(model_cfg: ModelConfig, retro_cfg: RetroConfig, seq_length: int | None = None) -> float:
+    """Training FLOPs (forward + backward) per decoder token of a RetroModel, with retrieval on.
+
+    The GPT count (megatron/training/flops.py: 6 * N_matmul + 12 * L * s * h, full score matrix)
+    plus, with h the decoder width, d the encoder width, f its FFN width, Le its layers of which
+    Lc cross-attend, m the chunk length, k neighbours of r tokens, P retro layers, and
+    c = ceil(s / m) / s chunks per token (n = c * k * r neighbour tokens per decoder token):
+
+    - CCA, per retro layer: 6 * (2 h^2 + n * 2 d h) for wq, wo (per decoder token) and wk, wv
+      (per neighbour token); attention 3 * 4 * k * r * h per query token (the queries are the
+      c * m padded chunk positions per token).
+    - encoder, once: per neighbour token 6 * (Le * (4 d^2 + F d f) + Lc * 2 d^2 [+ h d if d != h]),
+      F = 3 for SwiGLU else 2; per chunk token 6 * Lc * 2 h d (keys/values of the decoder
+      chunk); attention 3 * 4 * (Le * r + Lc * m) * d per neighbour token.
+    The neighbour embedding is a lookup and is not counted.
+    """
+    s = model_cfg.seq_length if seq_length is None else seq_length
+    enc = retro_cfg.encoder_model_config(model_cfg)
+    h, d, f = model_cfg.hidden_size, enc.hidden_size, enc.ffn_hidden_size
+    m, k, r = retro_cfg.chunk_length, retro_cfg.num_neighbors, retro_cfg.retrieved_length
+    num_retro = len(retro_cfg.retro_layer_numbers(model_cfg.num_layers))
+    num_cross = enc.num_layers if retro_cfg.encoder_cross_attention == "all" else 1
+    chunks_per_token = -(-s // m) / s
+    neighbor_tokens_per_token = chunks_per_token * k * r
+    chunk_tokens_per_token = chunks_per_token * m
+
+    cca = (6.0 * (2 * h * h * chunk_tokens_per_token + neighbor_tokens_per_token * 2 * d * h)
+           + 12.0 * chunk_tokens_per_token * k * r * h)
+    enc_matmul_per_neighbor_token = (enc.num_layers * (4 * d * d + (3 if enc.swiglu else 2) * d * f)
+                                     + num_cross * 2 * d * d + (h * d if d != h else 0))
+    encoder = (6.0 * (neighbor_tokens_per_token * enc_matmul_per_neighbor_token
+                      + chunk_tokens_per_token * num_cross * 2 * h * d)
+               + 12.0 * neighbor_tokens_per_token * (enc.num_layers * r + num_cross * m) * d)
+    return gpt_flops_per_token(model_cfg, s) + num_retro * cca + encoder
