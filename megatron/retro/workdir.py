@@ -110,7 +110,11 @@ def normalize_data_path(data_path) -> list:
     spelled differently ("a" vs "1 ./a", "3 a 7 b" vs "0.3 a 0.7 b") compare equal."""
     if data_path is None:
         return None
-    pairs = parse_data_path(list(data_path))
+    data_path = list(data_path)
+    if all(isinstance(item, (list, tuple)) for item in data_path):
+        pairs = [(float(w), p) for w, p in data_path]  # already normalised (read from a config)
+    else:
+        pairs = parse_data_path(data_path)
     total = sum(w for w, _ in pairs)
     return [[round(w / total, 12), os.path.abspath(p)] for w, p in pairs]
 
