@@ -93,6 +93,11 @@ def initialize_distributed(cfg: ParallelConfig, environ=None) -> DistEnv:
                    backend=dist.get_backend())
 
 
+def pipeline_rank(env: DistEnv, pipeline_parallel_size: int) -> int:
+    """This rank's pipeline stage: pipeline is the slowest-varying mesh dimension (Megatron's order)."""
+    return env.rank // max(1, env.world_size // pipeline_parallel_size)
+
+
 def set_random_seed(seed: int, pipeline_rank: int = 0):
     """Seed python, numpy and torch (all devices).
 

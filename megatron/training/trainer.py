@@ -35,7 +35,7 @@ from megatron.data.loader import build_data_loader
 from megatron.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron.training.config import Config
 from megatron.training.flops import gpt_flops_per_token, measure_matmul_peak_flops
-from megatron.training.initialize import DistEnv, initialize_distributed, set_random_seed
+from megatron.training.initialize import DistEnv, initialize_distributed, pipeline_rank, set_random_seed
 from megatron.training.logging import TensorBoardWriter, format_train_line, format_validation_line
 from megatron.training.lr_schedule import LRScheduler
 from megatron.training.optimizer import build_optimizer
@@ -152,12 +152,11 @@ def _add_metrics(sums: dict, metrics: dict):
 
 class _Trainer:
     def __init__(self, cfg: Config, env: DistEnv, par: Parallelized, forward_step: Callable,
-                 optimizer, scheduler, num_micro: int, flops_per_token: float):
+                 optimizer, scheduler, num_micro: int):
         self.cfg, self.env, self.par, self.forward_step = cfg, env, par, forward_step
         self.model = par.model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.num_micro = num_micro
-        self.flops_per_token = flops_per_token
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.autocast = lambda: torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.training.bf16)
 
@@ -197,6 +196,44 @@ class _Trainer:
         return _average(sums, eval_iters * self.num_micro, self.par)
 
 
+class _Interval:
+    """What one log line reports: metrics averaged over the iterations since the last line (skipped
+    ones included: their loss was computed), and throughput over the time spent in train steps
+    (evaluation and checkpointing excluded)."""
+
+    def __init__(self, tokens_per_iteration: int, flops_per_token: float, world_size: int, peak_flops: float | None):
+        self.tokens_per_iteration = tokens_per_iteration
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak_flops = peak_flops
+        self._reset()
+
+    def _reset(self):
+        self.sums, self.seconds, self.iterations, self.skipped, self.nan = {}, 0.0, 0, 0, 0
+
+    def add(self, metrics: dict[str, float], seconds: float, applied: bool):
+        _add_metrics(self.sums, metrics)
+        self.seconds += seconds
+        self.iterations += 1
+        self.skipped += not applied
+        self.nan += not math.isfinite(metrics.get(LM_LOSS, 0.0))
+
+    def close(self) -> tuple[dict[str, float], dict]:
+        averaged = {name: float(value) / self.iterations for name, value in self.sums.items()}
+        tokens_per_second = self.iterations * self.tokens_per_iteration / self.seconds
+        flops_per_device = tokens_per_second * self.flops_per_token / self.world_size
+        throughput = {
+            "elapsed_ms": 1000.0 * self.seconds / self.iterations,
+            "tokens_per_second": tokens_per_second,
+            "tflops_per_device": flops_per_device / 1e12,
+            "mfu": flops_per_device / self.peak_flops if self.peak_flops else None,
+            "skipped": self.skipped,
+            "nan": self.nan,
+        }
+        self._reset()
+        return averaged, throughput
+
+
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -218,15 +255,15 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
              env: DistEnv | None = None) -> dict:
     """Train as `cfg` says; returns a summary for scripts and tests:
 
-    {"iteration", "consumed_train_samples", "train_loss", "validation_loss" (lm loss, None if never
-    evaluated), "train_history": [(iteration, metrics)], "validation_history": [(iteration, metrics)]}.
+    {"iteration", "consumed_train_samples", "train_loss" (lm loss of the last iteration),
+    "validation_loss" (of the last evaluation; None if none ran), "train_history": [(iteration,
+    metrics averaged over the log interval)] at every log line, "validation_history": [(iteration, metrics)]}.
     flops_per_token: training FLOPs per token for TFLOP/s and MFU (default: the GPT formula).
     """
     env = env or initialize_distributed(cfg.parallel)
     say = (lambda msg: print(msg, flush=True)) if env.is_last_rank else (lambda msg: None)
     t, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
-    pp = cfg.parallel.pipeline_model_parallel_size
-    set_random_seed(t.seed, pipeline_rank=env.rank // (env.world_size // pp) if env.world_size % pp == 0 else 0)
+    set_random_seed(t.seed, pipeline_rank(env, cfg.parallel.pipeline_model_parallel_size))
     if flops_per_token is None:
         flops_per_token = gpt_flops_per_token(cfg.model)
 
@@ -277,10 +314,10 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
             say(f" > measured {dtype} matmul peak of {env.device}: {peak_flops / 1e12:.3f} TFLOP/s (used for MFU)")
     tensorboard = TensorBoardWriter(lg.tensorboard_dir) if lg.tensorboard_dir and env.is_last_rank else None
 
-    trainer = _Trainer(cfg, env, par, forward_step, optimizer, scheduler, num_micro, flops_per_token)
-    train_history, validation_history = [], []
-    interval_sums, interval_count, interval_time = {}, 0, 0.0
-    interval_iters = skipped = nan_iters = 0
+    trainer = _Trainer(cfg, env, par, forward_step, optimizer, scheduler, num_micro)
+    interval = _Interval(tokens_per_iteration=gbs * cfg.model.seq_length, flops_per_token=flops_per_token,
+                         world_size=env.world_size, peak_flops=peak_flops)
+    train_history, validation_history, last_metrics = [], [], {}
     last_saved = last_evaluated = state.iteration
     config_dict = asdict(cfg)
 
@@ -305,39 +342,26 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
     par.model.train()
     while state.iteration < t.train_iters:
         lr = scheduler.current_lr()
-        _sync(env.device)
+        _sync(env.device)  # time the step alone, not work queued before it
         start = time.perf_counter()
-        metrics, grad_norm, applied = trainer.train_step(train_batches)
+        last_metrics, grad_norm, applied = trainer.train_step(train_batches)
         _sync(env.device)
-        interval_time += time.perf_counter() - start
+        interval.add(last_metrics, time.perf_counter() - start, applied)
         state.iteration += 1
         state.consumed_train_samples += gbs
-        train_history.append((state.iteration, metrics))
-        interval_iters += 1
-        if not math.isfinite(metrics.get(LM_LOSS, 0.0)):
-            nan_iters += 1
-        if applied:
-            _add_metrics(interval_sums, metrics)
-            interval_count += 1
-        else:
-            skipped += 1
 
         if state.iteration % lg.log_interval == 0:
-            averaged = {k: float(v) / max(1, interval_count) for k, v in interval_sums.items()}
-            tokens_per_s = interval_iters * gbs * cfg.model.seq_length / interval_time
-            flops_per_device = tokens_per_s * flops_per_token / env.world_size
-            mfu = flops_per_device / peak_flops if peak_flops else None
+            averaged, throughput = interval.close()
+            train_history.append((state.iteration, averaged))
             say(format_train_line(
-                iteration=state.iteration, train_iters=t.train_iters,
-                consumed_samples=state.consumed_train_samples,
-                elapsed_ms=1000.0 * interval_time / interval_iters, learning_rate=lr, global_batch_size=gbs,
-                metrics=averaged, grad_norm=grad_norm, skipped_iterations=skipped, nan_iterations=nan_iters,
-                tokens_per_second=tokens_per_s, tflops_per_device=flops_per_device / 1e12, mfu=mfu))
+                iteration=state.iteration, train_iters=t.train_iters, consumed_samples=state.consumed_train_samples,
+                elapsed_ms=throughput["elapsed_ms"], learning_rate=lr, global_batch_size=gbs, metrics=averaged,
+                grad_norm=grad_norm, skipped_iterations=throughput["skipped"], nan_iterations=throughput["nan"],
+                tokens_per_second=throughput["tokens_per_second"], tflops_per_device=throughput["tflops_per_device"],
+                mfu=throughput["mfu"]))
             if tensorboard:
                 tensorboard.train(state.iteration, state.consumed_train_samples, lr, averaged, grad_norm,
-                                  tokens_per_s, flops_per_device / 1e12, mfu)
-            interval_sums, interval_count, interval_time = {}, 0, 0.0
-            interval_iters = skipped = nan_iters = 0
+                                  throughput["tokens_per_second"], throughput["tflops_per_device"], throughput["mfu"])
 
         if do_eval and state.iteration % t.eval_interval == 0:
             validate()
@@ -355,11 +379,10 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
         tensorboard.close()
 
     last_valid = validation_history[-1][1] if validation_history else {}
-    last_train = train_history[-1][1] if train_history else {}
     return {
         "iteration": state.iteration,
         "consumed_train_samples": state.consumed_train_samples,
-        "train_loss": last_train.get(LM_LOSS),
+        "train_loss": last_metrics.get(LM_LOSS),
         "validation_loss": last_valid.get(LM_LOSS),
         "train_history": train_history,
         "validation_history": validation_history,
