@@ -1,0 +1,182 @@
+"""RETRO's part of training and evaluation: its flags, its config section, the work-dir check,
+its datasets and its forward step. Shared by pretrain_retro.py and tools/retro/evaluate.py.
+
+Training reads everything about the data from the retro work dir (tools/retro/preprocess_data.py):
+chunk length, neighbours per training/validation sample, the chunk DB. The work dir's neighbour
+row i belongs to the GPT dataset's sample i only when both were built from the same data, split,
+seq length, seed, tokenizer and sample counts, so a mismatch is refused, naming the field.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+import torch
+
+from megatron.data.builder import build_gpt_datasets
+from megatron.data.retro_dataset import RetroDataset
+from megatron.data.tokenizers import build_tokenizer
+from megatron.models.gpt.model import GPTModel
+from megatron.models.retro.config import RetroConfig
+from megatron.models.retro.model import RetroModel, retro_flops_per_token
+from megatron.retro.chunk_db import ChunkDB
+from megatron.retro.workdir import WorkDir, check_workdir_matches, expected_for_training, load_workdir_config
+from megatron.training.config import Config, pad_vocab_size
+from megatron.training.flops import gpt_flops_per_token
+from megatron.training.loss import lm_loss
+from megatron.training.trainer import LM_LOSS, sample_counts
+
+BUDGET_LOSS = "budget loss"
+GATE_MEAN = "gate mean"
+
+
+@dataclasses.dataclass
+class RetroTrainingConfig:
+    """The `retro` section: the model part (RetroConfig) and what training does with retrieval."""
+    add_retriever: bool = False
+    work_dir: str | None = None
+    model: RetroConfig = dataclasses.field(default_factory=RetroConfig)
+    budget_loss_coeff: float = 0.0
+    no_retrieval_prob: float = 0.0
+    random_retrieval_prob: float = 0.0
+    fit_from: str | None = None
+
+
+def add_retro_args(parser):
+    g = parser.add_argument_group("retro")
+    g.add_argument("--retro-add-retriever", action="store_true",
+                   help="train RETRO; without it the same-size GPT trains on the same samples")
+    g.add_argument("--retro-work-dir", required=True, help="work dir built by tools/retro/preprocess_data.py")
+    g.add_argument("--retro-num-neighbors", type=int, default=2, help="k neighbours per chunk (<= saved)")
+    g.add_argument("--retro-decoder-layers", type=int, nargs="+", default=None,
+                   help="1-based decoder layers with chunked cross-attention (default: Megatron-LM's, "
+                        "every third from layer 6 (<= 15 layers) or 9; small models: from layer 2)")
+    g.add_argument("--retro-encoder-layers", type=int, default=2)
+    g.add_argument("--retro-encoder-hidden-size", type=int, default=None)
+    g.add_argument("--retro-encoder-attention-heads", type=int, default=None)
+    g.add_argument("--retro-encoder-cross-attention", choices=["first", "all"], default="first",
+                   help="encoder layers conditioned on the decoder chunk (paper and Megatron-LM: first)")
+    g.add_argument("--retro-attention-gate", action="store_true",
+                   help="learned sigmoid gate on each chunked cross-attention output")
+    g.add_argument("--retro-budget-loss-coeff", type=float, default=0.0,
+                   help="adds C x mean gate to the loss (needs --retro-attention-gate)")
+    g.add_argument("--retro-no-retrieval-prob", type=float, default=0.0,
+                   help="per training sample, probability of dropping all neighbours")
+    g.add_argument("--retro-random-retrieval-prob", type=float, default=0.0,
+                   help="per training sample, probability of random DB chunks as neighbours")
+    g.add_argument("--retro-fit-from", default=None,
+                   help="RETRO-fitting: load this GPT checkpoint, freeze it, train encoder, CCA and gates")
+    return parser
+
+
+def retro_config_from_args(args) -> dict:
+    if args.retro_budget_loss_coeff and not args.retro_attention_gate:
+        raise SystemExit("error: --retro-budget-loss-coeff needs --retro-attention-gate")
+    wd_cfg = load_workdir_config(args.retro_work_dir)
+    model = RetroConfig(
+        chunk_length=wd_cfg["chunk_length"], num_neighbors=args.retro_num_neighbors,
+        decoder_layers=args.retro_decoder_layers, encoder_num_layers=args.retro_encoder_layers,
+        encoder_hidden_size=args.retro_encoder_hidden_size,
+        encoder_num_attention_heads=args.retro_encoder_attention_heads,
+        encoder_cross_attention=args.retro_encoder_cross_attention,
+        attention_gate=args.retro_attention_gate)
+    return {"retro": RetroTrainingConfig(
+        add_retriever=args.retro_add_retriever, work_dir=os.path.abspath(args.retro_work_dir), model=model,
+        budget_loss_coeff=args.retro_budget_loss_coeff, no_retrieval_prob=args.retro_no_retrieval_prob,
+        random_retrieval_prob=args.retro_random_retrieval_prob, fit_from=args.retro_fit_from)}
+
+
+def prepare(cfg: Config) -> dict:
+    """Builds the tokenizer, pads the vocabulary, and checks the work dir against this run.
+    Returns the work dir's config."""
+    d, retro = cfg.data, cfg.extra["retro"]
+    if d.tokenizer_type is None:
+        raise SystemExit("error: --tokenizer-type is required (the work dir's tokenizer)")
+    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_file=d.vocab_file,
+                                merge_file=d.merge_file)
+    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size
+    cfg.model.vocab_size = pad_vocab_size(tokenizer.vocab_size, multiple)
+    wd_cfg = load_workdir_config(retro.work_dir)
+    if not d.data_path:
+        d.data_path = [str(x) for entry in wd_cfg["data_path"] for x in entry]
+    train, valid, _ = sample_counts(cfg)
+    check_workdir_matches(wd_cfg, **expected_for_training(
+        d, cfg.model.seq_length, cfg.training.seed, train, valid, tokenizer.fingerprint()))
+    saved_k = wd_cfg["num_neighbors_save"]
+    if retro.model.num_neighbors > saved_k:
+        raise SystemExit(f"error: --retro-num-neighbors {retro.model.num_neighbors} exceeds the "
+                         f"{saved_k} neighbours per chunk saved in {retro.work_dir}")
+    return wd_cfg
+
+
+def model_provider(cfg: Config):
+    retro = cfg.extra["retro"]
+    return RetroModel(cfg.model, retro.model) if retro.add_retriever else GPTModel(cfg.model)
+
+
+def flops_per_token(cfg: Config) -> float:
+    retro = cfg.extra["retro"]
+    if retro.add_retriever:
+        return retro_flops_per_token(cfg.model, retro.model, cfg.model.seq_length)
+    return gpt_flops_per_token(cfg.model)
+
+
+def load_neighbors(work_dir: str, split: str) -> np.ndarray:
+    path = WorkDir(work_dir).neighbors(split)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: not found; run tools/retro/preprocess_data.py --retro-tasks query-neighbors")
+    return np.load(path, mmap_mode="r")
+
+
+def datasets(cfg: Config, num_samples, retrieval: str = "on", training: bool = True):
+    """(train, valid, test) for this run: GPT samples, with neighbours when RETRO trains.
+    `retrieval` applies to validation (evaluation ablations); training samples use the
+    --retro-no/random-retrieval-prob mix."""
+    retro = cfg.extra["retro"]
+    train, valid, test = build_gpt_datasets(cfg.data, cfg.model.seq_length, num_samples, cfg.training.seed)
+    if not retro.add_retriever:
+        return train, valid, test
+    db = ChunkDB(retro.work_dir)
+
+    def wrap(ds, split, mode, no_p=0.0, random_p=0.0):
+        if ds is None:
+            return None
+        return RetroDataset(ds, load_neighbors(retro.work_dir, split), db, retro.model.num_neighbors,
+                            retro.model.chunk_length, cfg.model.seq_length, retrieval=mode,
+                            no_retrieval_prob=no_p, random_retrieval_prob=random_p,
+                            seed=cfg.training.seed, name=split)
+
+    train = wrap(train, "train", "on", retro.no_retrieval_prob, retro.random_retrieval_prob) if training else None
+    return train, wrap(valid, "valid", retrieval), None
+
+
+def make_forward_step(cfg: Config):
+    retro = cfg.extra["retro"]
+    coeff = retro.budget_loss_coeff
+
+    def forward_step(model, batch: dict):
+        text = batch["text"]
+        tokens, labels = text[:, :-1], text[:, 1:]
+        if not retro.add_retriever:
+            loss = lm_loss(model(tokens), labels)
+            return loss, {LM_LOSS: loss.detach()}
+        logits = model(tokens, batch["neighbor_tokens"], batch["neighbor_mask"])
+        loss = lm_loss(logits, labels)
+        metrics = {LM_LOSS: loss.detach()}
+        gate = _unwrap(model).gate_mean() if retro.model.attention_gate else None
+        if gate is not None:
+            metrics[GATE_MEAN] = gate.detach()
+            if coeff:
+                budget = coeff * gate
+                metrics[BUDGET_LOSS] = budget.detach()
+                loss = loss + budget
+        return loss, metrics
+
+    return forward_step
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under DDP / compile wrappers (FSDP2 and TP keep the module itself)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)

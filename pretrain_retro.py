@@ -1,0 +1,32 @@
+"""Pretrain RETRO (or, without --retro-add-retriever, the same-size GPT on the same samples).
+
+    python tools/retro/preprocess_data.py --retro-tasks build --retro-work-dir wd ...   # first
+    python pretrain_retro.py --retro-add-retriever --retro-work-dir wd \
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model tok/ \
+        --num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 256 \
+        --micro-batch-size 8 --global-batch-size 32 --train-iters 300 --lr 1e-3 --save ckpt
+
+The data (--data-path, chunk length, neighbours) comes from the work dir; its config must match
+this run's seq length, tokenizer, split, seed and sample counts. Under torchrun the same command
+runs data, tensor and sequence parallel (--tensor-model-parallel-size, --sequence-parallel, ...).
+"""
+
+import sys
+
+from megatron.parallel.parallelize import parallelize_fn
+from megatron.training import retro
+from megatron.training.arguments import parse_args
+from megatron.training.trainer import pretrain
+
+
+def main(argv=None) -> dict:
+    cfg = parse_args(argv, extra_args_provider=retro.add_retro_args,
+                     extra_config_provider=retro.retro_config_from_args)
+    retro.prepare(cfg)
+    return pretrain(cfg, retro.model_provider, retro.make_forward_step(cfg),
+                    lambda c, counts: retro.datasets(c, counts),
+                    flops_per_token=retro.flops_per_token(cfg), parallelize_fn=parallelize_fn)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,149 @@
+"""Evaluate a checkpoint of pretrain_retro.py on the validation split: retrieval on / off / random.
+
+    python tools/retro/evaluate.py --retro-work-dir wd --load ckpt/retro [--output results.json]
+
+The model, data and tokenizer come from the checkpoint's config; the work dir must match it.
+Prints and writes (with --output) JSON of this shape:
+
+    {"step", "model": "retro" | "gpt", "num_samples",
+     "retrieval_on": {"loss", "lm_loss", "ppl", "gate_mean"}, "retrieval_off": {...},
+     "random_retrieval": {...}, "delta_lm_loss_off_minus_on", "delta_lm_loss_random_minus_on"}
+
+Off = no neighbour reaches any chunked cross-attention; random = neighbours drawn uniformly from
+the valid chunks of the DB, masked like the retrieved ones. A GPT checkpoint (trained without
+--retro-add-retriever) has only "retrieval_off". gate_mean is 1.0 without --retro-attention-gate.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import torch
+
+from megatron.data.loader import build_data_loader
+from megatron.models.retro.config import RetroConfig
+from megatron.training import retro
+from megatron.training.checkpointing import find_checkpoint, load_checkpoint, read_checkpoint_config
+from megatron.training.config import Config
+from megatron.training.trainer import sample_counts
+
+MODES = {"retrieval_on": "on", "retrieval_off": "off", "random_retrieval": "random"}
+# Below this retrieval-off minus retrieval-on loss the model is taken to ignore its neighbours.
+DEFAULT_MIN_DELTA = 0.01
+
+
+def config_from_checkpoint(path: str, work_dir: str) -> Config:
+    saved = read_checkpoint_config(path)
+    sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "extra"}
+    cfg = Config(**{name: _build(Config.__dataclass_fields__[name].default_factory, saved[name])
+                    for name in sections})
+    saved_retro = saved.get("extra", {}).get("retro")
+    if saved_retro is None:
+        raise ValueError(f"{path}: not a pretrain_retro.py checkpoint (its config has no retro section)")
+    model = RetroConfig(**saved_retro.pop("model"))
+    cfg.extra["retro"] = retro.RetroTrainingConfig(**dict(saved_retro, model=model,
+                                                          work_dir=os.path.abspath(work_dir)))
+    return cfg
+
+
+def _build(factory, values: dict):
+    default = factory()
+    known = {f.name for f in dataclasses.fields(default)}
+    return dataclasses.replace(default, **{k: v for k, v in values.items() if k in known})
+
+
+@torch.no_grad()
+def evaluate_mode(model, cfg: Config, mode: str, num_samples: int, device) -> dict:
+    _, valid, _ = retro.datasets(cfg, sample_counts(cfg), retrieval=mode, training=False)
+    if valid is None:
+        raise ValueError(f"--split {cfg.data.split} leaves no validation documents")
+    num_samples = min(num_samples, len(valid))
+    mbs = cfg.training.micro_batch_size
+    forward_step = retro.make_forward_step(cfg)
+    sums = {"loss": 0.0, "lm_loss": 0.0, "gate_mean": 0.0}
+    batches = 0
+    for batch in build_data_loader(valid, mbs, 0):
+        if (batches + 1) * mbs > num_samples:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss, metrics = forward_step(model, batch)
+        sums["loss"] += float(loss)
+        sums["lm_loss"] += float(metrics[retro.LM_LOSS])
+        sums["gate_mean"] += float(metrics.get(retro.GATE_MEAN, 1.0))
+        batches += 1
+    if batches == 0:
+        raise ValueError(f"--eval-samples {num_samples} is less than one micro-batch of {mbs}")
+    out = {k: v / batches for k, v in sums.items()}
+    out["ppl"] = math.exp(min(out["lm_loss"], 50.0))
+    out["num_samples"] = batches * mbs
+    return out
+
+
+def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_batch_size: int | None = None,
+             device: str | None = None) -> dict:
+    found = find_checkpoint(load)
+    if found is None:
+        raise ValueError(f"{load}: no complete checkpoint found")
+    step, path = found
+    cfg = config_from_checkpoint(path, work_dir)
+    if micro_batch_size:
+        cfg.training.micro_batch_size = micro_batch_size
+    retro.prepare(cfg)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with torch.device(device):
+        model = retro.model_provider(cfg)
+    load_checkpoint(load, model, step=step, load_rng=False, model_config=dataclasses.asdict(cfg.model))
+    model.eval()
+    _, valid_count, _ = sample_counts(cfg)
+    num_samples = eval_samples or cfg.training.eval_iters * cfg.training.global_batch_size
+    num_samples = min(num_samples, valid_count)
+
+    add_retriever = cfg.extra["retro"].add_retriever
+    results = {"step": step, "model": "retro" if add_retriever else "gpt"}
+    modes = MODES if add_retriever else {"retrieval_off": "off"}
+    for key, mode in modes.items():
+        scores = evaluate_mode(model, cfg, mode, num_samples, device)
+        results["num_samples"] = scores.pop("num_samples")
+        results[key] = scores
+    if add_retriever:
+        on = results["retrieval_on"]["lm_loss"]
+        results["delta_lm_loss_off_minus_on"] = results["retrieval_off"]["lm_loss"] - on
+        results["delta_lm_loss_random_minus_on"] = results["random_retrieval"]["lm_loss"] - on
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--retro-work-dir", required=True)
+    p.add_argument("--load", required=True, help="checkpoint directory written by pretrain_retro.py --save")
+    p.add_argument("--output", default=None, help="write the JSON here too")
+    p.add_argument("--eval-samples", type=int, default=None,
+                   help="validation samples per mode (default: --eval-iters x --global-batch-size of the run)")
+    p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--min-delta", type=float, default=DEFAULT_MIN_DELTA,
+                   help="warn when retrieval-off minus retrieval-on lm loss is below this")
+    args = p.parse_args(argv)
+    try:
+        results = evaluate(args.load, args.retro_work_dir, args.eval_samples, args.micro_batch_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.output:
+        tmp = f"{args.output}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, args.output)
+    delta = results.get("delta_lm_loss_off_minus_on")
+    if delta is not None and delta < args.min_delta:
+        print(f"WARNING: retrieval-off minus retrieval-on lm loss is {delta:.4f} (< {args.min_delta}): "
+              f"the model makes little use of its neighbours (a gate collapsed to closed?)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
