@@ -6,7 +6,9 @@
         --micro-batch-size 8 --global-batch-size 32 --train-iters 500 --lr 3e-4 \
         --save ckpt --load ckpt --save-interval 100
 
-and the same under `torchrun --nproc-per-node N pretrain_gpt.py ...` (data parallel).
+and the same under `torchrun --nproc-per-node N pretrain_gpt.py ...` with Megatron's parallel flags
+(--tensor-model-parallel-size, --sequence-parallel, --use-distributed-optimizer, ...), applied
+by megatron.parallel from outside the model.
 """
 
 import sys
@@ -14,6 +16,7 @@ import sys
 from megatron.data.builder import build_gpt_datasets
 from megatron.data.tokenizers import build_tokenizer
 from megatron.models.gpt.model import GPTModel
+from megatron.parallel.parallelize import parallelize_fn
 from megatron.training.arguments import parse_args
 from megatron.training.config import Config, pad_vocab_size
 from megatron.training.flops import gpt_flops_per_token
@@ -54,7 +57,7 @@ def main(argv=None) -> dict:
         raise SystemExit("error: --data-path is required")
     set_padded_vocab_size(cfg)
     return pretrain(cfg, model_provider, forward_step, datasets_provider,
-                    flops_per_token=gpt_flops_per_token(cfg.model))
+                    flops_per_token=gpt_flops_per_token(cfg.model), parallelize_fn=parallelize_fn)
 
 
 if __name__ == "__main__":
