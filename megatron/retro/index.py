@@ -5,8 +5,8 @@ embeddings (not the first N, which would all come from the first documents); add
 by block, so the embeddings never sit in memory all at once. The index's id of a vector is its
 chunk id: every chunk is added, invalid ones as zero vectors, and the query step drops those.
 
-With faiss-gpu and a visible GPU, IVF k-means training runs on the GPUs; everything else runs
-where faiss-cpu runs it.
+With faiss-gpu and a visible GPU, IVF k-means training runs on all GPUs and each rank searches
+on its own GPU (where faiss has a GPU version of the index); adding runs on the CPU.
 """
 
 import math
@@ -142,8 +142,12 @@ def load_index(work_dir: str, num_chunks: int, nprobe: int, ef_search: int):
                          f"chunks; rerun --retro-tasks index-build")
     set_search_params(index, nprobe, ef_search)
     if gpu_available():
+        # Under torchrun every rank queries: each on its own GPU, not all on all of them.
+        device = int(os.environ.get("LOCAL_RANK", 0)) % faiss.get_num_gpus()
+        resources = faiss.StandardGpuResources()
         try:
-            index = faiss.index_cpu_to_all_gpus(index)
+            index = faiss.index_cpu_to_gpu(resources, device, index)
+            index.referenced_objects = [resources]  # the GPU index must not outlive them
         except RuntimeError as e:  # some index types have no GPU version
             log(f"index: searching on the CPU ({str(e).strip().splitlines()[-1]})")
     return index

