@@ -16,15 +16,15 @@
 
 One iteration = one optimizer step on the global batch: global_batch / (micro_batch * dp)
 micro-batches per rank, gradients accumulated (synchronised across ranks only on the last).
-On CPU in fp32 with dropout 0 the loop is deterministic, and a run resumed from a checkpoint
-continues with bit-identical losses: RNG states, optimizer, scheduler and data position are
-all restored.
+On CPU in fp32 the loop is deterministic (dropout draws from the seeded RNG), and a run resumed
+from a checkpoint continues with bit-identical losses: RNG states, optimizer, scheduler and data
+position are all restored.
 """
 
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any, Callable
 
 import torch
@@ -244,7 +244,7 @@ def _print_config(cfg: Config):
     for section in fields(cfg):
         value = getattr(cfg, section.name)
         items = asdict(value).items() if section.name != "extra" else (
-            (k, asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in value.items())
+            (k, asdict(v) if is_dataclass(v) else v) for k, v in value.items())
         for name, v in items:
             print(f"  {section.name}.{name} {'.' * max(1, 40 - len(section.name) - len(name))} {v}")
     print("-------------------- end of arguments ---------------------", flush=True)
