@@ -1,6 +1,6 @@
 """Retro preprocessing throughput on a stdlib work dir.
 
-Run: python benchmarks/retro_preprocess.py [--max-files 40 | --all] [--out /tmp/retro_bench]
+Run: python benchmarks/retro_preprocess.py [--max-files 40 | --all] [--threads N] [--out /tmp/retro_bench]
 
 Builds a corpus from this Python's stdlib (*.py, in path order, the first --max-files files or
 --all of them), a tokenizer and an indexed dataset, then times each task of
@@ -93,7 +93,10 @@ def main():
     parser.add_argument("--index-str", default=None, help="default: chosen by the build from the DB size")
     parser.add_argument("--embedding-sample", type=int, default=1024,
                         help="chunks for the pipeline vs bare forward comparison")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -29,16 +29,18 @@ def gpu_available() -> bool:
 
 
 def choose_index_str(num_chunks: int) -> str:
-    """A sensible index for a DB of this size, after faiss's guidelines: IVF with about
-    4 sqrt(N) lists; scalar- then product-quantised codes once full vectors no longer fit RAM."""
+    """A sensible index for a DB of this size, after faiss's "guidelines to choose an index":
+    exact search while it is cheap, then IVF with more lists as the DB grows (HNSW to find the
+    lists), with codes shrinking from full vectors to 8-bit scalars to 64-byte product codes."""
     if num_chunks < FLAT_LIMIT:
         return "Flat"
-    nlist = 2 ** round(math.log2(4 * math.sqrt(num_chunks)))
-    if num_chunks < 2_000_000:
-        return f"IVF{nlist},Flat"
+    if num_chunks < 1_000_000:
+        return f"IVF{2 ** round(math.log2(8 * math.sqrt(num_chunks)))},Flat"
+    if num_chunks < 10_000_000:
+        return "IVF65536_HNSW32,SQ8"
     if num_chunks < 100_000_000:
-        return f"IVF{nlist}_HNSW32,SQ8"
-    return f"OPQ64_256,IVF{nlist}_HNSW32,PQ64"
+        return "OPQ64_256,IVF262144_HNSW32,PQ64"
+    return "OPQ64_256,IVF1048576_HNSW32,PQ64"
 
 
 def make_index(index_str: str, dim: int):
@@ -50,12 +52,12 @@ def make_index(index_str: str, dim: int):
 
 
 def default_ntrain(index, num_valid: int) -> int:
-    """64 training points per IVF list (faiss asks for 30 to 256), at least 100k."""
+    """40 training points per IVF list (faiss wants 39 to 256), at least 100k."""
     try:
         nlist = faiss.extract_index_ivf(index).nlist
     except RuntimeError:  # not an IVF index
         nlist = 0
-    return min(num_valid, max(100_000, 64 * nlist))
+    return min(num_valid, max(100_000, 40 * nlist))
 
 
 def sample_training_ids(db, ntrain: int, seed: int) -> np.ndarray:

@@ -196,5 +196,6 @@ def test_task_names():
 
 def test_index_choice_grows_with_the_db():
     assert choose_index_str(1000) == "Flat"
-    assert choose_index_str(1_000_000).startswith("IVF4096,")
+    assert choose_index_str(500_000) == "IVF4096,Flat"
+    assert choose_index_str(5_000_000).startswith("IVF65536_HNSW32")
     assert "PQ" in choose_index_str(1_000_000_000)

@@ -12,8 +12,19 @@ query-neighbors, verify; build = all five. Each task resumes: finished blocks ar
 
 The data, split, seq-length, seed, tokenizer and sample-count arguments must be those of the
 training run: the neighbours are stored per training sample, and training refuses a work dir
-whose config.json records other values. Under torchrun, embedding and querying are split across
-the ranks (one GPU each where there are GPUs).
+whose config.json records other values.
+
+On a cluster: the same command under torchrun (or srun with the torchrun environment) splits the
+embedding and query blocks across the ranks, block b on rank b % WORLD_SIZE, one GPU per rank
+(LOCAL_RANK); BERT runs on that GPU and, with faiss-gpu installed, IVF k-means trains on the
+GPUs and each rank searches on its own. Chunking, index training/adding and verify run on rank 0
+while the others wait. Tasks can also be run one by one, e.g. index-train on one big node.
+
+Scale: a 1B-chunk datastore holds 32 GB of chunk DB, 768 GB of float16 384-wide embeddings
+(streamed, never all in RAM), and wants an index like OPQ64_256,IVF1048576_HNSW32,PQ64 (the
+default above 100M chunks): 64-byte codes + 8-byte ids = ~72 GB of inverted lists, which faiss
+can keep on disk (OnDiskInvertedLists, memory-mapped) instead of RAM, trained on GPUs with
+30-256 vectors per list (--retro-index-ntrain 40M uses ~60 GB of RAM for the training sample).
 """
 
 import argparse
@@ -64,7 +75,7 @@ def parse_args(argv=None):
                             "OPQ64_256,IVF262144_HNSW32,PQ64, HNSW32, ...); default: chosen from the DB "
                             "size and printed")
     group.add_argument("--retro-index-ntrain", type=int, default=None,
-                       help="random embeddings to train the index on (default: 64 per IVF list, "
+                       help="random embeddings to train the index on (default: 40 per IVF list, "
                             "at least 100000)")
     group.add_argument("--retro-query-num-neighbors-query", type=int, default=200,
                        help="k': neighbours asked of the index per chunk, before filtering")
