@@ -116,6 +116,8 @@ def parse_args(argv=None):
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.retro_bert_max_chunk_length < 3:
+        parser.error("--retro-bert-max-chunk-length must leave room for [CLS], [SEP] and one token")
     if args.retro_query_num_neighbors_query < args.retro_query_num_neighbors_save:
         parser.error("--retro-query-num-neighbors-query must be at least --retro-query-num-neighbors-save")
     if args.retro_bert_model is None:
