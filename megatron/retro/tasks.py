@@ -23,7 +23,8 @@ from megatron.retro.index import add_to_index, choose_index_str, load_index, tra
 from megatron.retro.query import Searcher, assemble_neighbors, query_split
 from megatron.retro.verify import verify
 from megatron.retro.workdir import (CONFIG_NAME, FORMAT_VERSION, WorkDir, check_workdir_matches,
-                                    load_workdir_config, normalize_data_path, write_json)
+                                    load_workdir_config, normalize_data_path, remove_leftover_temp_files,
+                                    write_json)
 from megatron.training.config import DataConfig
 
 TASKS = ("db-build", "index-train", "index-add", "query-neighbors", "verify")
@@ -183,6 +184,9 @@ class TaskRunner:
         expected = describe_build(args, self.tokenizer)
         if self.rank == 0:
             prepare_workdir(self.wd.root, expected)
+            # The other ranks wait at the barrier, so no temporary file is in use.
+            if removed := remove_leftover_temp_files(self.wd.root):
+                log(f"removed {removed} temporary files left by an interrupted run")
         barrier()
         if self.rank != 0:
             prepare_workdir(self.wd.root, expected)

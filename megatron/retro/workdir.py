@@ -81,6 +81,17 @@ def atomic_path(path: str):
         remove_if_present(tmp)
 
 
+def remove_leftover_temp_files(root: str) -> int:
+    """Delete the temporary files of a killed run (only safe while nothing writes); returns how many."""
+    removed = 0
+    for directory, _, names in os.walk(root):
+        for name in names:
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(directory, name))
+                removed += 1
+    return removed
+
+
 def save_npy(path: str, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "xb") as f:

@@ -233,6 +233,7 @@ def test_interrupted_build_resumes_to_identical_files_without_redoing_blocks(wor
         after = os.stat(wd / "embeddings" / b)
         assert (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
     assert os.listdir(wd / "neighbors" / "train_blocks") == ["block_000000.npy"]
+    (wd / "neighbors" / "train_blocks" / "block_000001.npy.123.abcd.tmp").write_bytes(b"killed mid-write")
     assert build(wd, corpus["argv"]) == 0
     err = capfd.readouterr().err
     assert f"0 of this rank's {num_blocks} blocks already done" not in err
