@@ -1,0 +1,309 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from megatron.models.gpt.model import GPTModel
+from megatron.models.retro.chunked_cross_attention import ChunkedCrossAttention
+from megatron.models.retro.config import RetroConfig
+from megatron.models.retro.model import RetroModel, retro_flops_per_token
+from megatron.training.config import ModelConfig
+
+V = 64
+M = 4  # chunk length
+K = 2  # neighbours per chunk
+R = 2 * M  # retrieved tokens per neighbour
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine: a second OpenMP thread only spins and waits.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def model_config(**overrides):
+    kw = dict(vocab_size=V, num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32)
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def retro_config(**overrides):
+    kw = dict(chunk_length=M, num_neighbors=K, decoder_layers=[2, 4])
+    kw.update(overrides)
+    return RetroConfig(**kw)
+
+
+def build_retro(cfg=None, rcfg=None, seed=0):
+    torch.manual_seed(seed)
+    model = RetroModel(cfg or model_config(), rcfg or retro_config())
+    model.init_weights()
+    return model.eval()
+
+
+def random_neighbors(b, s, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    l = -(-s // M)
+    return torch.randint(0, V, (b, l, K, R), generator=g), torch.ones(b, l, K, dtype=torch.bool)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_default_retro_layers_follow_megatron_with_a_small_model_fallback():
+    rc = RetroConfig()
+    assert rc.retrieved_length == 128
+    assert rc.retro_layer_numbers(12) == [6, 9, 12]
+    assert rc.retro_layer_numbers(15) == [6, 9, 12, 15]
+    assert rc.retro_layer_numbers(24) == [9, 12, 15, 18, 21, 24]
+    assert rc.retro_layer_numbers(4) == [2]
+    assert rc.retro_layer_numbers(5) == [2, 5]
+    assert rc.retro_layer_numbers(1) == [1]
+    assert RetroConfig(decoder_layers=[4, 2]).retro_layer_numbers(4) == [2, 4]
+    with pytest.raises(ValueError, match="1..4"):
+        RetroConfig(decoder_layers=[5]).retro_layer_numbers(4)
+    with pytest.raises(ValueError, match="encoder_cross_attention"):
+        RetroConfig(encoder_cross_attention="last")
+
+
+def test_neighbour_shapes_are_checked():
+    model = build_retro()
+    tokens = torch.randint(0, V, (2, 18))
+    nb, mask = random_neighbors(2, 18)
+    with pytest.raises(ValueError, match="5 chunks of 4"):
+        model(tokens, nb[:, :4], mask[:, :4])
+    with pytest.raises(ValueError, match="--retro-num-neighbors"):
+        model(tokens, nb[:, :, :1], mask[:, :, :1])
+    relaxed = build_retro(rcfg=retro_config(verify_neighbor_count=False))
+    assert relaxed(tokens, nb[:, :, :1], mask[:, :, :1]).shape == (2, 18, V)
+
+
+# ---------------------------------------------------------------- causality
+
+
+@pytest.mark.parametrize("s", [16, 18])
+def test_neighbours_of_chunk_u_reach_only_positions_from_its_last_token(s):
+    model = build_retro()
+    tokens = torch.randint(0, V, (2, s))
+    nb, mask = random_neighbors(2, s)
+    mask[1, 0, 1] = False
+    with torch.no_grad():
+        base = model(tokens, nb, mask)
+        for u in range(nb.shape[1]):
+            first = (u + 1) * M - 1  # the last token of chunk u
+            changed = nb.clone()
+            changed[:, u] = (changed[:, u] + 1 + torch.randint(0, V - 1, changed[:, u].shape)) % V
+            remasked = mask.clone()
+            remasked[:, u, 0] = False
+            for out in (model(tokens, changed, mask), model(tokens, nb, remasked)):
+                assert torch.equal(out[:, :first], base[:, :first]), f"chunk {u} leaked before {first}"
+                if first < s:
+                    assert (out[:, first:] - base[:, first:]).abs().max() > 1e-5, f"chunk {u} unused"
+                else:  # a partial last chunk's neighbours serve no position of this sequence
+                    assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("cross", ["first", "all"])
+def test_future_tokens_change_nothing_at_or_before_t_with_neighbours(cross):
+    s = 18
+    model = build_retro(rcfg=retro_config(encoder_cross_attention=cross))
+    tokens = torch.randint(0, V, (2, s))
+    nb, mask = random_neighbors(2, s)
+    with torch.no_grad():
+        base = model(tokens, nb, mask)
+        for t in (0, 2, 3, 5, 7, 8, 11, 14, 15, 16):
+            changed = tokens.clone()
+            changed[:, t + 1:] = (changed[:, t + 1:] + 1) % V
+            out = model(changed, nb, mask)
+            assert torch.equal(out[:, :t + 1], base[:, :t + 1]), f"future of {t} leaked"
+            assert not torch.allclose(out[:, t + 1:], base[:, t + 1:])
+
+
+# ---------------------------------------------------------------- parity with a naive CCA
+
+
+def rotate(x, position, base=10000.0):
+    """RoPE by hand for one position: x [heads, d], pairs (i, i + d/2) turned by position * base^(-2i/d)."""
+    d2 = x.shape[-1] // 2
+    angle = position * base ** (-torch.arange(d2, dtype=x.dtype) * 2 / x.shape[-1])
+    x1, x2 = x[..., :d2], x[..., d2:]
+    return torch.cat((x1 * angle.cos() - x2 * angle.sin(), x1 * angle.sin() + x2 * angle.cos()), dim=-1)
+
+
+def naive_cca(cca, x, neighbors, mask):
+    """Loop over batch, chunk, position and neighbour; softmax over the concatenated keys of the
+    chunk's real neighbours by hand."""
+    b, s, dim = x.shape
+    _, l, k, r, _ = neighbors.shape
+    m, d = cca.chunk_length, cca.head_dim
+
+    def project(linear, v):
+        return v @ linear.weight.T + (0 if linear.bias is None else linear.bias)
+
+    out = torch.zeros(b, s, dim, dtype=x.dtype)
+    for bi in range(b):
+        for u in range(l):
+            positions = range((u + 1) * m - 1, min((u + 2) * m - 1, s))
+            for p in positions:
+                q = rotate(project(cca.wq, x[bi, p]).view(-1, d), p - u * m)
+                keys, values = [], []
+                for j in range(k):
+                    if not mask[bi, u, j]:
+                        continue
+                    for t in range(r):
+                        keys.append(rotate(project(cca.wk, neighbors[bi, u, j, t]).view(-1, d), t))
+                        values.append(project(cca.wv, neighbors[bi, u, j, t]).view(-1, d))
+                if not keys:
+                    continue  # no neighbour: no cross-attention output at all
+                keys, values = torch.stack(keys, 1), torch.stack(values, 1)  # [heads, n, d]
+                scores = torch.matmul(keys, q[:, :, None])[..., 0] / math.sqrt(d)  # [heads, n]
+                weights = torch.exp(scores - scores.max(-1, keepdim=True).values)
+                weights = weights / weights.sum(-1, keepdim=True)
+                attended = torch.matmul(weights[:, None, :], values)[:, 0]  # [heads, d]
+                out[bi, p] = project(cca.wo, attended.reshape(-1))
+    return out
+
+
+@pytest.mark.parametrize("s", [18, 20])
+@pytest.mark.parametrize("bias", [False, True])
+def test_vectorised_cca_equals_a_naive_loop(s, bias):
+    torch.manual_seed(0)
+    dim, kv_dim, heads = 16, 12, 2
+    cca = ChunkedCrossAttention(dim, heads, dim // heads, M, kv_dim=kv_dim, bias=bias).double()
+    for p in cca.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    b, l = 2, -(-s // M)
+    x = torch.randn(b, s, dim, dtype=torch.float64)
+    neighbors = torch.randn(b, l, K, R, kv_dim, dtype=torch.float64)
+    mask = torch.ones(b, l, K, dtype=torch.bool)
+    mask[0, 1] = False  # a chunk with no neighbour at all
+    mask[1, 0, 1] = False
+    mask[1, 2, 0] = False
+    neighbors[~mask] = 1e6  # what masked neighbours hold must not matter
+
+    out = cca(x, neighbors, mask)
+    expected = naive_cca(cca, x, neighbors, mask)
+    # fp64 throughout except RoPE, which apply_rotary computes in fp32 by design.
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[:, :M - 1], torch.zeros_like(out[:, :M - 1]))
+    assert torch.equal(out[0, 2 * M - 1:3 * M - 1], torch.zeros(M, dim, dtype=torch.float64))
+    assert out[0, 3 * M - 1:].abs().min() > 0
+
+    full = torch.ones_like(mask)
+    torch.testing.assert_close(cca(x, neighbors, None), naive_cca(cca, x, neighbors, full), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- GPT parity and the gate
+
+
+def test_retrieval_off_equals_gpt_with_the_same_weights():
+    cfg = model_config()
+    torch.manual_seed(0)
+    gpt = GPTModel(cfg)
+    gpt.init_weights()
+    retro = build_retro(cfg, seed=1)
+    result = retro.load_state_dict(gpt.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    retro_only = (".cca.", ".cca_norm.", ".encoder.", ".gate.")
+    assert result.missing_keys and all(any(p in key for p in retro_only) for key in result.missing_keys)
+
+    s = 18
+    tokens = torch.randint(0, V, (2, s))
+    nb, mask = random_neighbors(2, s)
+    with torch.no_grad():
+        expected = gpt.eval()(tokens)
+        assert torch.equal(retro(tokens), expected)
+        # Every neighbour masked (retrieval "off" in the dataset): the encoder runs, CCA adds 0.
+        assert torch.equal(retro(tokens, nb, torch.zeros_like(mask)), expected)
+        assert not torch.allclose(retro(tokens, nb, mask), expected)
+
+
+def test_a_closed_gate_equals_retrieval_off():
+    model = build_retro(rcfg=retro_config(attention_gate=True))
+    tokens = torch.randint(0, V, (2, 18))
+    nb, mask = random_neighbors(2, 18)
+    off = model(tokens)
+    assert model.gate_mean() is None
+    half_open = model(tokens, nb, mask)
+    assert model.gate_mean().item() == 0.5
+    assert not torch.allclose(half_open, off)
+    model.gate_mean().backward()  # the budget loss reaches every gate
+    gates = [layer.gate for layer in model.layers.values() if getattr(layer, "gate", None) is not None]
+    assert len(gates) == 2 and all(g.logit.grad.abs().item() > 0 for g in gates)
+
+    with torch.no_grad():
+        for g in gates:
+            g.logit.fill_(-math.inf)
+        closed = model(tokens, nb, mask)
+    assert model.gate_mean().item() == 0.0
+    assert torch.equal(closed, off)
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(encoder_hidden_size=32, encoder_num_attention_heads=2,
+                                                  encoder_cross_attention="all")])
+def test_flop_formula_matches_counted_flops(overrides):
+    cfg = model_config()
+    rcfg = retro_config(**overrides)
+    model = build_retro(cfg, rcfg)
+    b, s = 2, 32
+    tokens = torch.randint(0, V, (b, s))
+    nb, mask = random_neighbors(b, s)
+    # The math backend runs attention as matmuls, which the counter sees (full score matrices).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(tokens, nb, mask)
+    assert retro_flops_per_token(cfg, rcfg, s) == 3 * counter.get_total_flops() / (b * s)
+
+
+# ---------------------------------------------------------------- retrieval is used
+
+
+def copy_task_batch(g, b, s):
+    """Random tokens (nothing to learn from the context); chunk u's first neighbour holds the
+    sample's own continuation, chunks u+1 and u+2; the second is random noise, masked."""
+    l = s // M
+    seq = torch.randint(1, V, (b, s + 1 + 2 * M), generator=g)
+    nb = torch.randint(0, V, (b, l, K, R), generator=g)
+    nb[:, :, 0] = seq[:, (torch.arange(l)[:, None] + 1) * M + torch.arange(R)]
+    mask = torch.zeros(b, l, K, dtype=torch.bool)
+    mask[:, :, 0] = True
+    return seq[:, :s], seq[:, 1:s + 1], nb, mask
+
+
+def test_retrieval_is_used_retro_loss_falls_far_below_gpt():
+    cfg, s, b = model_config(), 32, 8
+    rcfg = retro_config(decoder_layers=None, encoder_num_layers=1)  # default for 4 layers: [2]
+    losses = {}
+    for kind in ("retro", "gpt"):
+        torch.manual_seed(0)
+        model = RetroModel(cfg, rcfg) if kind == "retro" else GPTModel(cfg)
+        model.init_weights()
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(150):
+            tokens, labels, nb, mask = copy_task_batch(g, b, s)
+            logits = model(tokens, nb, mask) if kind == "retro" else model(tokens)
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        tokens, labels, nb, mask = copy_task_batch(torch.Generator().manual_seed(2), 32, s)
+        with torch.no_grad():
+            if kind == "retro":
+                off = model(tokens, nb, torch.zeros_like(mask))
+                losses["retro_off"] = F.cross_entropy(off.flatten(0, 1), labels.flatten()).item()
+                logits = model(tokens, nb, mask)
+            else:
+                logits = model(tokens)
+            losses[kind] = F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
+    # Only the first m - 1 positions of a sample have nothing to copy: about (3/32) log V is reachable.
+    assert losses["gpt"] > 0.9 * math.log(V), losses
+    assert losses["retro"] < 0.5 * losses["gpt"], losses
+    assert losses["retro_off"] > 0.9 * math.log(V), losses
