@@ -132,9 +132,9 @@ def retro_flops_per_token(model_cfg: ModelConfig, retro_cfg: RetroConfig, seq_le
     Lc cross-attend, m the chunk length, k neighbours of r tokens, P retro layers, and
     c = ceil(s / m) / s chunks per token (n = c * k * r neighbour tokens per decoder token):
 
-    - CCA, per retro layer: 6 * (2 h^2 + n * 2 d h) for wq, wo (per decoder token) and wk, wv
-      (per neighbour token); attention 3 * 4 * k * r * h per query token (the queries are the
-      c * m padded chunk positions per token).
+    - CCA, per retro layer: 6 * (c * m * 2 h^2 + n * 2 d h) for wq, wo (on the c * m padded
+      chunk positions per token, = 1 when m divides s) and wk, wv (per neighbour token);
+      attention 3 * 4 * k * r * h per query position.
     - encoder, once: per neighbour token 6 * (Le * (4 d^2 + F d f) + Lc * 2 d^2 [+ h d if d != h]),
       F = 3 for SwiGLU else 2; per chunk token 6 * Lc * 2 h d (keys/values of the decoder
       chunk); attention 3 * 4 * (Le * r + Lc * m) * d per neighbour token.
