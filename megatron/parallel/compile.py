@@ -8,7 +8,8 @@ checkpoint keys) do not change.
 A block input that is a view is copied first: on torch 2.13 AOTAutograd mis-routes the gradient
 of a compiled-region input that is a view produced by ``DTensor.to_local()`` (the embedding's
 output under tensor parallelism), and the backward then fails inside DTensor's redistribute.
-The copy happens once per step (later blocks receive fresh tensors).
+Only done under tensor parallelism, where such views arise; for GPT it copies the first
+block's input once per step, for RETRO also the (encoded) neighbours entering each retro layer.
 """
 
 import torch
@@ -22,8 +23,9 @@ def _copy_view_inputs(module, args, kwargs):
     return tuple(fresh(a) for a in args), {k: fresh(v) for k, v in kwargs.items()}
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> nn.Module:
+def compile_blocks(model: nn.Module, backend: str = "inductor", copy_view_inputs: bool = False) -> nn.Module:
     for block in model.layers.values():
-        block.register_forward_pre_hook(_copy_view_inputs, with_kwargs=True)
+        if copy_view_inputs:
+            block.register_forward_pre_hook(_copy_view_inputs, with_kwargs=True)
         block.forward = torch.compile(block.forward, backend=backend, fullgraph=False)
     return model

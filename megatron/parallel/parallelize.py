@@ -34,13 +34,14 @@ def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: Para
     """
     if parallel_cfg.sequence_parallel and parallel_cfg.tensor_model_parallel_size == 1:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-    if mesh is not None and mesh["tp"].size() > 1:
+    tensor_parallel = mesh is not None and mesh["tp"].size() > 1
+    if tensor_parallel:
         parallelize_tensor_parallel(model, mesh["tp"], sequence_parallel=parallel_cfg.sequence_parallel,
                                     loss_parallel_enabled=loss_parallel)
     if recompute_granularity is not None:
         apply_activation_checkpointing(model, recompute_granularity)
     if compile:
-        compile_blocks(model, backend=compile_backend)
+        compile_blocks(model, backend=compile_backend, copy_view_inputs=tensor_parallel)
     if mesh is not None and mesh["dp"].size() > 1:
         apply_data_parallel(model, mesh, bf16=bf16)
     return model

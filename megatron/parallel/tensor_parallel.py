@@ -1,4 +1,4 @@
-"""Tensor- and sequence-parallel plans (DTensor ``parallelize_module``) for GPTModel.
+"""Tensor- and sequence-parallel plans (DTensor ``parallelize_module``) for GPTModel and RetroModel.
 
 Megatron's scheme, expressed as placements on the "tp" mesh dimension:
 
@@ -20,8 +20,28 @@ Megatron's scheme, expressed as placements on the "tp" mesh dimension:
   (``ReplicateParallel``) so every parameter of the model is a DTensor on the same mesh: optimizers
   with ``foreach=True`` and ``clip_grad_norm_`` fail on a mix of DTensor and plain parameters.
 
-Dropout in replicated regions (no sequence parallel) must draw the same mask on every TP rank,
-so TP ranks must share the RNG seed (the trainer seeds by pipeline stage, not by TP rank).
+RETRO (``RetroBlock``), on top of the decoder block's plan:
+
+- CCA and the encoder's self- and cross-attention split their heads like any attention
+  (wq/wk/wv column-, wo row-parallel; the CCA's keys/values come from the encoder width), the
+  encoder's MLP like any MLP. The encoder's activations (k neighbours x r tokens per chunk) are
+  replicated across TP ranks, never sequence-sharded: it is small, and its sequence is the
+  neighbours', not the decoder's.
+- sequence parallel and chunks: a rank's sequence shard (s / tp tokens) need not start on a chunk
+  boundary, and CCA shifts the sequence by m - 1 so that every shifted chunk straddles two
+  original chunks; besides, the encoder needs whole chunks of decoder states. So the CCA input
+  is gathered: ``cca_norm`` normalises the local shard and all-gathers the result once for both
+  the encoder and the CCA; the CCA runs on the full sequence, its output projection all-reduces,
+  and the result is cut back to the local shard (a slice, no communication) before the residual
+  add. Cost per retro layer: one all-gather and one all-reduce of [b, s, h] forward.
+- the neighbours' embedding lookup ([b, l, k, r] ids) shares the vocab-parallel table; its
+  result is all-reduced to a replicated [b, l, k, r, h] (only [b, s] lookups follow the residual
+  layout).
+- the optional CCA gate's scalar becomes a replicated DTensor; the value it records for the
+  budget loss is handed out as a plain tensor, so the loss can be added to the LM loss.
+
+Dropout in replicated regions (no sequence parallel, the encoder) must draw the same mask on
+every TP rank, so TP ranks must share the RNG seed (the trainer seeds by pipeline stage).
 """
 
 from contextlib import nullcontext
@@ -33,12 +53,25 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
     loss_parallel,
     parallelize_module,
 )
 from torch.distributed.tensor.parallel.style import ParallelStyle
+
+from megatron.models.retro.model import RetroBlock
+
+
+def _as_dtensor(x, mesh, placement):
+    if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
+        return DTensor.from_local(x, mesh, [placement], run_check=False)
+    return x
+
+
+def _to_local(x):
+    return x.to_local() if isinstance(x, DTensor) else x
 
 
 class ReplicateParallel(ParallelStyle):
@@ -48,21 +81,56 @@ class ReplicateParallel(ParallelStyle):
     the module docstring). Its gradients need no communication: every TP rank sees the same input.
     """
 
-    @staticmethod
-    def _to_dtensor(module, inputs, mesh):
-        return tuple(
-            DTensor.from_local(x, mesh, [Replicate()], run_check=False)
-            if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x
-            for x in inputs
-        )
-
-    @staticmethod
-    def _to_local(module, output, mesh):
-        return output.to_local() if isinstance(output, DTensor) else output
-
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         # partition_fn=None: distribute_module replicates every parameter (broadcast from rank 0).
-        return distribute_module(module, device_mesh, None, self._to_dtensor, self._to_local)
+        return distribute_module(
+            module, device_mesh, None,
+            lambda mod, inputs, mesh: tuple(_as_dtensor(x, mesh, Replicate()) for x in inputs),
+            lambda mod, output, mesh: _to_local(output))
+
+
+class SequenceParallelGathered(SequenceParallel):
+    """SequenceParallel on the local sequence shard, output all-gathered to the full sequence as
+    a plain tensor (the CCA norm: its consumers need whole chunks)."""
+
+    @staticmethod
+    def _prepare_output_fn(use_local_output, mod, outputs, device_mesh):
+        return outputs.redistribute(placements=[Replicate()]).to_local()
+
+
+class VocabParallelEmbedding(RowwiseParallel):
+    """Vocabulary-sharded lookup. A [b, s] lookup leaves in the residual layout; any other
+    (RETRO's neighbour ids [b, l, k, r]) is all-reduced to replicated."""
+
+    def __init__(self, sequence_parallel: bool):
+        super().__init__(input_layouts=Replicate(), output_layouts=residual_layout(sequence_parallel))
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        if outputs.ndim != 3:
+            output_layouts = (Replicate(),)
+        return RowwiseParallel._prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh)
+
+
+class GateParallel(ParallelStyle):
+    """The CCA gate (x * sigmoid(logit)): the logit replicated, x in the residual layout, so that
+    under sequence parallel the logit's gradient is summed over the sequence shards. The recorded
+    gate value is replaced by its (replicated) local tensor for the budget loss."""
+
+    def __init__(self, sequence_parallel: bool):
+        super().__init__()
+        self.layout = residual_layout(sequence_parallel)
+
+    def _output(self, mod, output, mesh):
+        if isinstance(mod.last_value, DTensor):
+            mod.last_value = mod.last_value.to_local()
+        return _to_local(output)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(
+            module, device_mesh, None,
+            lambda mod, inputs, mesh: tuple(_as_dtensor(x, mesh, self.layout) for x in inputs),
+            self._output)
 
 
 def norm_style(sequence_parallel: bool) -> ParallelStyle:
@@ -74,18 +142,14 @@ def residual_layout(sequence_parallel: bool):
     return Shard(1) if sequence_parallel else Replicate()
 
 
-def self_attention_plan(prefix: str, sequence_parallel: bool) -> dict[str, ParallelStyle]:
-    """Plan for an ``Attention`` module called as ``attention(x, ...)``: x arrives in the residual
-    layout and is gathered to the full sequence, because every query attends over all keys."""
-    return {
-        prefix: PrepareModuleInput(
-            input_layouts=(residual_layout(sequence_parallel),), desired_input_layouts=(Replicate(),)
-        ),
-        **attention_projections_plan(prefix, residual_layout(sequence_parallel)),
-    }
+def gather_input(prefix: str, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """A sublayer that takes the residual stream as its first input sees the full sequence."""
+    if not sequence_parallel:
+        return {}
+    return {prefix: PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))}
 
 
-def attention_projections_plan(prefix: str, output_layout) -> dict[str, ParallelStyle]:
+def attention_plan(prefix: str, output_layout) -> dict[str, ParallelStyle]:
     """Heads split across TP ranks: q/k/v column-parallel, output projection row-parallel."""
     return {
         f"{prefix}.wq": ColwiseParallel(),
@@ -95,34 +159,66 @@ def attention_projections_plan(prefix: str, output_layout) -> dict[str, Parallel
     }
 
 
-def mlp_plan(prefix: str, mlp: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
-    plan = {
-        prefix: PrepareModuleInput(
-            input_layouts=(residual_layout(sequence_parallel),), desired_input_layouts=(Replicate(),)
-        ),
-        f"{prefix}.w1": ColwiseParallel(),
-        f"{prefix}.w2": RowwiseParallel(output_layouts=residual_layout(sequence_parallel)),
-    }
-    if getattr(mlp, "w3", None) is not None:
+def mlp_plan(prefix: str, mlp: nn.Module, output_layout) -> dict[str, ParallelStyle]:
+    plan = {f"{prefix}.w1": ColwiseParallel(), f"{prefix}.w2": RowwiseParallel(output_layouts=output_layout)}
+    if mlp.w3 is not None:
         plan[f"{prefix}.w3"] = ColwiseParallel()
     return plan
 
 
-def transformer_block_plan(sequence_parallel: bool, block: nn.Module) -> dict[str, ParallelStyle]:
+def transformer_block_plan(block: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
     """Plan for a ``TransformerBlock`` (names relative to the block)."""
+    residual = residual_layout(sequence_parallel)
     return {
         "attention_norm": norm_style(sequence_parallel),
-        **self_attention_plan("attention", sequence_parallel),
+        **gather_input("attention", sequence_parallel),
+        **attention_plan("attention", residual),
         "mlp_norm": norm_style(sequence_parallel),
-        **mlp_plan("mlp", block.mlp, sequence_parallel),
+        **gather_input("mlp", sequence_parallel),
+        **mlp_plan("mlp", block.mlp, residual),
     }
+
+
+def retro_encoder_plan(encoder: nn.Module) -> dict[str, ParallelStyle]:
+    """Plan for a ``RetroEncoder`` (names relative to it): replicated activations, heads and FFN split."""
+    plan = {"norm": ReplicateParallel()}
+    if encoder.input_proj is not None:
+        plan["input_proj"] = ReplicateParallel()
+    for name, layer in encoder.layers.items():
+        p = f"layers.{name}"
+        plan.update({f"{p}.attention_norm": ReplicateParallel(), **attention_plan(f"{p}.attention", Replicate()),
+                     f"{p}.mlp_norm": ReplicateParallel(), **mlp_plan(f"{p}.mlp", layer.mlp, Replicate())})
+        if layer.cross_attention is not None:
+            plan.update({f"{p}.cross_attention_norm": ReplicateParallel(),
+                         **attention_plan(f"{p}.cross_attention", Replicate())})
+    return plan
+
+
+def retro_block_plan(block: RetroBlock, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """The decoder block's plan plus CCA, encoder and gate (see the module docstring)."""
+    plan = transformer_block_plan(block, sequence_parallel)
+    plan["cca_norm"] = SequenceParallelGathered() if sequence_parallel else ReplicateParallel()
+    plan.update(attention_plan("cca", Replicate()))
+    if sequence_parallel:
+        plan["cca"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1))
+    if block.gate is not None:
+        plan["gate"] = GateParallel(sequence_parallel)
+    if block.encoder is not None:
+        plan.update({f"encoder.{name}": style for name, style in retro_encoder_plan(block.encoder).items()})
+    return plan
+
+
+def block_plan(block: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    if isinstance(block, RetroBlock):
+        return retro_block_plan(block, sequence_parallel)
+    return transformer_block_plan(block, sequence_parallel)
 
 
 def embedding_and_head_plan(model: nn.Module, sequence_parallel: bool,
                             loss_parallel_enabled: bool) -> dict[str, ParallelStyle]:
     """Plan for the modules outside the blocks; a pipeline stage may hold only some of them."""
     plan = {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual_layout(sequence_parallel)),
+        "tok_embeddings": VocabParallelEmbedding(sequence_parallel),
         "norm": norm_style(sequence_parallel),
         "output": ColwiseParallel(
             input_layouts=residual_layout(sequence_parallel),
@@ -135,9 +231,14 @@ def embedding_and_head_plan(model: nn.Module, sequence_parallel: bool,
 
 def check_divisible(model: nn.Module, tp: int, sequence_parallel: bool):
     cfg = model.cfg
-    for name, value in (("--num-attention-heads", cfg.num_attention_heads),
-                        ("--ffn-hidden-size", cfg.ffn_hidden_size),
-                        ("the padded vocabulary size", cfg.vocab_size)):
+    sizes = [("--num-attention-heads", cfg.num_attention_heads), ("--ffn-hidden-size", cfg.ffn_hidden_size),
+             ("the padded vocabulary size", cfg.vocab_size)]
+    retro_cfg = getattr(model, "retro_cfg", None)
+    if retro_cfg is not None:
+        enc = retro_cfg.encoder_model_config(cfg)
+        sizes += [("the retrieval encoder's attention heads", enc.num_attention_heads),
+                  ("the retrieval encoder's FFN size", enc.ffn_hidden_size)]
+    for name, value in sizes:
         if value % tp:
             raise ValueError(f"{name} {value} is not divisible by --tensor-model-parallel-size {tp}")
     if sequence_parallel and cfg.seq_length % tp:
@@ -170,7 +271,7 @@ def parallelize_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequen
     tied = is_tied(model)
     parallelize_module(model, tp_mesh, embedding_and_head_plan(model, sequence_parallel, loss_parallel_enabled))
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, transformer_block_plan(sequence_parallel, block))
+        parallelize_module(block, tp_mesh, block_plan(block, sequence_parallel))
     if tied:
         retie_output_head(model)
     model.loss_parallel = loss_parallel_enabled and getattr(model, "output", None) is not None

@@ -80,9 +80,16 @@ def run_ranks(script: Path, args: list[str], world_size: int, timeout: float, lo
     ]
 
 
+def lost_port_race(results: list[RankResult]) -> bool:
+    """free_port() releases the port before rank 0 binds it; another process may take it first."""
+    return any("address already in use" in r.log.lower() for r in results)
+
+
 def launch(script: Path, args: list[str], world_size: int, timeout: float, log_dir: Path) -> list[RankResult]:
     """Like run_ranks, but raise LaunchError naming the rank that failed first, or those that hung."""
     results = run_ranks(script, args, world_size, timeout, log_dir)
+    if lost_port_race(results):
+        results = run_ranks(script, args, world_size, timeout, log_dir)
     hung = [r.rank for r in results if r.returncode is None]
     failed = sorted((r for r in results if r.returncode not in (0, None)), key=lambda r: r.exit_time)
     if failed:

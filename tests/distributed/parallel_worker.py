@@ -22,6 +22,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from megatron.models.gpt.model import GPTModel
+from megatron.models.retro.config import RetroConfig
+from megatron.models.retro.model import RetroModel
 from megatron.parallel.mesh import build_device_mesh, data_parallel_rank_and_size
 from megatron.parallel.parallelize import parallelize_model
 from megatron.parallel.tensor_parallel import loss_parallel_context
@@ -29,25 +31,34 @@ from megatron.training.config import ModelConfig, ParallelConfig
 from megatron.training.initialize import initialize_distributed
 
 GLOBAL_BATCH = 4
-SEQ = 32
 VOCAB = 128
-RETRO_CHUNK = 8
-RETRO_K = 2
+SEQ = {"gpt": 32, "retro": 28}
+# RETRO: 28 tokens = 3.5 chunks of 8, so under tp2 + sp each rank's 14-token shard ends in the
+# middle of a chunk and the last chunk is partial.
+RETRO = RetroConfig(chunk_length=8, num_neighbors=2, decoder_layers=[2, 3], encoder_num_layers=2,
+                    attention_gate=True)
+GATE_BUDGET_WEIGHT = 0.1
 SAMPLED_PARAMS = {
     "gpt": ["tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.0.attention_norm.weight",
             "layers.1.mlp.w2.weight", "layers.1.mlp.w3.weight", "norm.weight"],
+    "retro": ["tok_embeddings.weight", "layers.1.cca.wq.weight", "layers.2.cca.wo.weight",
+              "layers.1.cca_norm.weight", "layers.1.gate.logit", "layers.2.gate.logit",
+              "layers.1.encoder.layers.0.cross_attention.wk.weight", "layers.1.encoder.layers.1.mlp.w1.weight",
+              "layers.1.encoder.layers.0.attention_norm.weight", "layers.1.encoder.norm.weight"],
 }
 
 
-def model_config() -> ModelConfig:
-    return ModelConfig(vocab_size=VOCAB, num_layers=2, hidden_size=32, num_attention_heads=4,
-                       ffn_hidden_size=64, seq_length=SEQ)
+def model_config(kind: str) -> ModelConfig:
+    return ModelConfig(vocab_size=VOCAB, num_layers=3 if kind == "retro" else 2, hidden_size=32,
+                       num_attention_heads=4, ffn_hidden_size=64, seq_length=SEQ[kind])
 
 
 def build_model(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if kind == "gpt":
-        model = GPTModel(model_config())
+        model = GPTModel(model_config(kind))
+    elif kind == "retro":
+        model = RetroModel(model_config(kind), RETRO)
     else:
         raise ValueError(f"unknown model kind {kind!r}")
     model.init_weights()
@@ -55,9 +66,18 @@ def build_model(kind: str) -> torch.nn.Module:
 
 
 def make_batch(kind: str, step: int) -> dict:
-    """The global batch of ``step``: the same on every rank and in every layout."""
+    """The global batch of ``step``: the same on every rank and in every layout. RETRO's carries
+    neighbours with some masked, including every neighbour of one chunk."""
     g = torch.Generator().manual_seed(1000 + step)
-    return {"tokens": torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)}
+    batch = {"tokens": torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ[kind] + 1), generator=g)}
+    if kind == "retro":
+        chunks = -(-SEQ[kind] // RETRO.chunk_length)
+        shape = (GLOBAL_BATCH, chunks, RETRO.num_neighbors)
+        batch["neighbor_tokens"] = torch.randint(0, VOCAB, (*shape, RETRO.retrieved_length), generator=g)
+        mask = torch.rand(shape, generator=g) > 0.25
+        mask[0, 1] = False
+        batch["neighbor_mask"] = mask
+    return batch
 
 
 def local_slice(batch: dict, dp_rank: int, dp_size: int) -> dict:
@@ -65,6 +85,8 @@ def local_slice(batch: dict, dp_rank: int, dp_size: int) -> dict:
 
 
 def forward(model, batch):
+    if "neighbor_tokens" in batch:
+        return model(batch["tokens"][:, :-1], batch["neighbor_tokens"], batch["neighbor_mask"])
     return model(batch["tokens"][:, :-1])
 
 
@@ -78,7 +100,9 @@ def train_step(model, optimizer, batch, mesh, bf16: bool) -> tuple[float, float]
         losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
         # Under loss_parallel the per-token losses are a replicated DTensor on the TP mesh.
         loss = (losses.to_local() if isinstance(losses, DTensor) else losses).mean()
-        loss.backward()
+        gate_mean = model.gate_mean() if hasattr(model, "gate_mean") else None
+        total = loss if gate_mean is None else loss + GATE_BUDGET_WEIGHT * gate_mean
+        total.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()

@@ -1,6 +1,7 @@
 """Parallel layouts train exactly like one process: after 5 AdamW steps on the same global
 batches, losses, gradient norms and sampled parameters of tp2, tp2+sp, fsdp2, ddp2 and
-dp2 x tp2 match the single-process run within fp32 tolerance; recompute and bf16 switches too.
+dp2 x tp2 match the single-process run within fp32 tolerance, for GPT and for RETRO (CCA,
+encoder and gate included); recompute, compile and bf16 switches too.
 
 Also: DCP checkpoints reshard (dp2 x tp2 -> 1 process and 1 process -> dp2 x tp2 continue with
 the uninterrupted run's losses), and a rank that dies makes the others fail, not hang.
@@ -62,31 +63,36 @@ def assert_same_training(got: dict, want: dict, what: str, rtol=RTOL, atol=ATOL)
                                    atol=atol * 10, msg=lambda m: f"{what}: parameter {name} differs\n{m}")
 
 
+@pytest.fixture(scope="module", params=["gpt", "retro"])
+def kind(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, kind):
     """Single-process run (this process, no process group); also saves a checkpoint at SAVE_AT."""
-    ckpt = tmp_path_factory.mktemp("single") / "ckpt"
-    return parallel_worker.run({"kind": "gpt", "steps": 5, "save_at": SAVE_AT, "save_dir": str(ckpt)}), ckpt
+    ckpt = tmp_path_factory.mktemp(f"single_{kind}") / "ckpt"
+    return parallel_worker.run({"kind": kind, "steps": 5, "save_at": SAVE_AT, "save_dir": str(ckpt)}), ckpt
 
 
 @pytest.fixture(scope="module")
-def two_proc(tmp_path_factory):
-    specs = [{"name": name, "kind": "gpt", "steps": 5, **layout} for name, layout in TWO_PROC_LAYOUTS.items()]
-    specs.append({"name": "fsdp2_bf16", "kind": "gpt", "steps": 5, "bf16": True,
+def two_proc(tmp_path_factory, kind):
+    specs = [{"name": name, "kind": kind, "steps": 5, **layout} for name, layout in TWO_PROC_LAYOUTS.items()]
+    specs.append({"name": "fsdp2_bf16", "kind": kind, "steps": 5, "bf16": True,
                   "parallel": dict(data_parallel_type="fsdp")})
-    return run_launch(tmp_path_factory.mktemp("two"), specs, 2, timeout=120)
+    return run_launch(tmp_path_factory.mktemp(f"two_{kind}"), specs, 2, timeout=150)
 
 
 @pytest.fixture(scope="module")
-def four_proc(tmp_path_factory, reference):
+def four_proc(tmp_path_factory, reference, kind):
     _, single_ckpt = reference
-    tmp = tmp_path_factory.mktemp("four")
+    tmp = tmp_path_factory.mktemp(f"four_{kind}")
     dp2_tp2 = FOUR_PROC_LAYOUTS["dp2_tp2"]
-    specs = [{"name": name, "kind": "gpt", "steps": 5, **layout} for name, layout in FOUR_PROC_LAYOUTS.items()]
+    specs = [{"name": name, "kind": kind, "steps": 5, **layout} for name, layout in FOUR_PROC_LAYOUTS.items()]
     specs[0].update(save_at=SAVE_AT, save_dir=str(tmp / "ckpt"))
-    specs.append({"name": "dp2_tp2_from_single", "kind": "gpt", "steps": 5, "save_at": SAVE_AT,
+    specs.append({"name": "dp2_tp2_from_single", "kind": kind, "steps": 5, "save_at": SAVE_AT,
                   "load_dir": str(single_ckpt), **dp2_tp2})
-    return run_launch(tmp, specs, 4, timeout=150), tmp / "ckpt"
+    return run_launch(tmp, specs, 4, timeout=180), tmp / "ckpt"
 
 
 @pytest.mark.slow
@@ -109,10 +115,10 @@ def test_four_process_layout_matches_single_process(layout, four_proc, reference
 
 
 @pytest.mark.slow
-def test_checkpoint_from_dp2_tp2_continues_on_one_process(four_proc):
+def test_checkpoint_from_dp2_tp2_continues_on_one_process(four_proc, kind):
     results, ckpt = four_proc
     uninterrupted = results["dp2_tp2"]
-    resumed = parallel_worker.run({"kind": "gpt", "steps": 5, "save_at": SAVE_AT, "load_dir": str(ckpt)})
+    resumed = parallel_worker.run({"kind": kind, "steps": 5, "save_at": SAVE_AT, "load_dir": str(ckpt)})
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(uninterrupted["losses"][SAVE_AT:]),
                                rtol=RTOL, atol=ATOL)
     for name, values in uninterrupted["params"].items():
