@@ -20,9 +20,12 @@ from megatron.training.trainer import pretrain
 
 
 def main(argv=None) -> dict:
-    cfg = parse_args(argv, extra_args_provider=retro.add_retro_args,
-                     extra_config_provider=retro.retro_config_from_args)
-    retro.prepare(cfg)
+    try:
+        cfg = parse_args(argv, extra_args_provider=retro.add_retro_args,
+                         extra_config_provider=retro.retro_config_from_args)
+        retro.prepare(cfg)
+    except ValueError as e:  # a work dir that does not fit this run: say which field, no traceback
+        raise SystemExit(f"error: {e}") from None
     return pretrain(cfg, retro.model_provider, retro.make_forward_step(cfg),
                     lambda c, counts: retro.datasets(c, counts),
                     flops_per_token=retro.flops_per_token(cfg), parallelize_fn=parallelize_fn)

@@ -51,6 +51,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-interval", type=int, default=100)
     p.add_argument("--eval-iters", type=int, default=10)
+    p.add_argument("--split", default="95,5,0", help="train,valid,test documents (Megatron's --split)")
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
 
@@ -65,7 +66,7 @@ def main(argv=None):
     tok = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_dir]
     schedule = ["--seq-length", str(args.seq_length), "--train-iters", str(args.train_iters),
                 "--global-batch-size", str(args.global_batch_size), "--eval-interval", str(args.eval_interval),
-                "--eval-iters", str(args.eval_iters), "--split", "98,2,0", "--seed", "1234"]
+                "--eval-iters", str(args.eval_iters), "--split", args.split, "--seed", "1234"]
 
     corpus_cmd = [py, "tools/corpus_from_files.py", "--output", corpus]
     if args.input:
