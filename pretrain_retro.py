@@ -7,7 +7,9 @@
         --micro-batch-size 8 --global-batch-size 32 --train-iters 300 --lr 1e-3 --save ckpt
 
 The data (--data-path, chunk length, neighbours) comes from the work dir; its config must match
-this run's seq length, tokenizer, split, seed and sample counts. Under torchrun the same command
+this run's seq length, tokenizer, split, seed and sample counts. RETRO-fitting:
+--retro-fit-from GPT_SAVE_DIR loads that GPT checkpoint into the decoder, freezes it and trains
+only the encoder, chunked cross-attention and gates (checkpoints still hold every parameter). Under torchrun the same command
 runs data, tensor and sequence parallel (--tensor-model-parallel-size, --sequence-parallel, ...).
 """
 
@@ -28,7 +30,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: {e}") from None
     return pretrain(cfg, retro.model_provider, retro.make_forward_step(cfg),
                     lambda c, counts: retro.datasets(c, counts),
-                    flops_per_token=retro.flops_per_token(cfg), parallelize_fn=parallelize_fn)
+                    flops_per_token=retro.flops_per_token(cfg), parallelize_fn=parallelize_fn,
+                    post_init_fn=retro.post_init)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 
 from megatron.data.builder import build_gpt_datasets
 from megatron.data.retro_dataset import RetroDataset
@@ -21,6 +24,7 @@ from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel, retro_flops_per_token
 from megatron.retro.chunk_db import ChunkDB
 from megatron.retro.workdir import WorkDir, check_workdir_matches, expected_for_training, load_workdir_config
+from megatron.training.checkpointing import _dcp_quiet, check_model_config, find_checkpoint, read_checkpoint_config
 from megatron.training.config import Config, pad_vocab_size
 from megatron.training.flops import gpt_flops_per_token
 from megatron.training.loss import lm_loss
@@ -72,6 +76,8 @@ def add_retro_args(parser):
 def retro_config_from_args(args) -> dict:
     if args.retro_budget_loss_coeff and not args.retro_attention_gate:
         raise SystemExit("error: --retro-budget-loss-coeff needs --retro-attention-gate")
+    if args.retro_fit_from and not args.retro_add_retriever:
+        raise SystemExit("error: --retro-fit-from needs --retro-add-retriever (it trains a RETRO around the GPT)")
     wd_cfg = load_workdir_config(args.retro_work_dir)
     model = RetroConfig(
         chunk_length=wd_cfg["chunk_length"], num_neighbors=args.retro_num_neighbors,
@@ -112,6 +118,73 @@ def prepare(cfg: Config) -> dict:
 def model_provider(cfg: Config):
     retro = cfg.extra["retro"]
     return RetroModel(cfg.model, retro.model) if retro.add_retriever else GPTModel(cfg.model)
+
+
+def config_from_checkpoint(path: str, work_dir: str) -> Config:
+    """The Config a pretrain_retro.py checkpoint directory was trained with (its config.json),
+    pointed at `work_dir`."""
+    saved = read_checkpoint_config(path)
+    cfg = Config(**{f.name: _build(f.default_factory, saved[f.name])
+                    for f in dataclasses.fields(Config) if f.name != "extra"})
+    saved_retro = saved.get("extra", {}).get("retro")
+    if saved_retro is None:
+        raise ValueError(f"{path}: not a pretrain_retro.py checkpoint (its config has no retro section)")
+    model = RetroConfig(**saved_retro.pop("model"))
+    cfg.extra["retro"] = RetroTrainingConfig(**dict(saved_retro, model=model, work_dir=os.path.abspath(work_dir)))
+    return cfg
+
+
+def _build(factory, values: dict):
+    default = factory()
+    known = {f.name for f in dataclasses.fields(default)}
+    return dataclasses.replace(default, **{k: v for k, v in values.items() if k in known})
+
+
+def post_init(model: torch.nn.Module, cfg: Config):
+    """The trainer's post_init_fn: RETRO-fitting (--retro-fit-from) loads the GPT checkpoint into
+    the freshly initialised RetroModel's decoder and freezes it."""
+    fit_from = cfg.extra["retro"].fit_from
+    if fit_from:
+        frozen = load_gpt_into_retro(fit_from, model, dataclasses.asdict(cfg.model))
+        print(f" > RETRO-fitting: loaded and froze {frozen} GPT tensors from {fit_from}; training "
+              f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} encoder, CCA and gate "
+              f"parameters", flush=True)
+
+
+def load_gpt_into_retro(root: str, model: torch.nn.Module, model_config: dict) -> int:
+    """RETRO-fitting: copy the newest GPT checkpoint under `root` (a --save directory of this
+    project) into the RetroModel's decoder and set requires_grad False on every parameter it
+    held; the encoder, CCA, cca_norm and gates stay trainable. Returns the number of tensors.
+
+    The decoder parameters of a RetroModel have the GPTModel's names, so the checkpoint's model
+    entries map one to one; the architecture (model section of config.json) must be the same."""
+    found = find_checkpoint(root)
+    if found is None:
+        raise ValueError(f"{root}: no complete checkpoint to RETRO-fit from (--retro-fit-from)")
+    _, path = found
+    saved = read_checkpoint_config(path)
+    if saved.get("extra", {}).get("retro", {}).get("add_retriever"):
+        raise ValueError(f"{path}: a RETRO checkpoint; --retro-fit-from takes a GPT one")
+    check_model_config(saved.get("model", {}), model_config, path)
+    saved_names = {key[len("model."):] for key in
+                   FileSystemReader(path).read_metadata().state_dict_metadata if key.startswith("model.")}
+    state = model.state_dict()
+    missing = sorted(saved_names - set(state))
+    if missing:
+        raise ValueError(f"{path}: holds {missing[:3]}... which the RETRO model does not have")
+    if not saved_names:
+        raise ValueError(f"{path}: holds no model weights")
+    payload = {"model": {name: state[name] for name in saved_names}}
+    with _dcp_quiet():
+        dcp.load(payload, checkpoint_id=path, no_dist=not (dist.is_available() and dist.is_initialized()))
+    with torch.no_grad():
+        for name, tensor in payload["model"].items():
+            if tensor.data_ptr() != state[name].data_ptr():  # DCP loads in place; copy if it did not
+                state[name].copy_(tensor)
+    for name, param in model.named_parameters():
+        if name in saved_names:
+            param.requires_grad_(False)
+    return len(saved_names)
 
 
 def flops_per_token(cfg: Config) -> float:

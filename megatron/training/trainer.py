@@ -3,7 +3,9 @@
     pretrain(cfg, model_provider, forward_step, datasets_provider, flops_per_token=...)
 
 - model_provider(cfg) -> nn.Module, built on this rank's device (it runs under
-  `with torch.device(device)`); the trainer calls its `init_weights()` if it has one.
+  `with torch.device(device)`); the trainer calls its `init_weights()` if it has one, then
+  `post_init_fn(model, cfg)` if given (e.g. RETRO-fitting loads and freezes a GPT there),
+  before the model is parallelized; the optimizer gets the parameters that require grad.
 - forward_step(model, batch) -> (loss, metrics): `batch` is the loader's dict of tensors, already
   on the device; `loss` is the scalar to backpropagate; `metrics` maps names to scalar tensors
   (or floats) to log, e.g. {"lm loss": ...} or RETRO's {"lm loss": ..., "budget loss": ...}.
@@ -252,7 +254,7 @@ def _print_config(cfg: Config):
 
 def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, datasets_provider: Callable, *,
              flops_per_token: float | None = None, parallelize_fn: Callable = data_parallel,
-             env: DistEnv | None = None) -> dict:
+             env: DistEnv | None = None, post_init_fn: Callable | None = None) -> dict:
     """Train as `cfg` says; returns a summary for scripts and tests:
 
     {"iteration", "consumed_train_samples", "train_loss" (lm loss of the last iteration),
@@ -271,6 +273,8 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
         model = model_provider(cfg)
     if hasattr(model, "init_weights"):
         model.init_weights()
+    if post_init_fn is not None:
+        post_init_fn(model, cfg)
     num_params = sum(p.numel() for p in model.parameters())
     par = parallelize_fn(model, cfg, env)
     num_micro = _resolve_batch_sizes(cfg, par.dp_size)

@@ -24,11 +24,13 @@ class Attention(nn.Module):
         self.wv = nn.Linear(kv_dim, num_heads * head_dim, bias=bias)
         self.wo = nn.Linear(num_heads * head_dim, dim, bias=bias)
 
-    def forward(self, x, kv=None, rope_q=None, rope_k=None, causal=False, attn_mask=None):
+    def forward(self, x, kv=None, rope_q=None, rope_k=None, causal=False, attn_mask=None, kv_cache=None):
         """x: [b, s, dim] queries; kv: [b, t, kv_dim] keys/values source (None: self-attention).
 
         rope_q / rope_k: (cos, sin) tables for query / key positions, or None for no RoPE.
         attn_mask: bool [b or 1, 1, s, t], True = may attend.
+        kv_cache: incremental decoding (megatron/inference): an object whose `update(k, v)` stores
+        this call's rotated keys/values [b, t, heads, head_dim] and returns all cached so far.
         """
         kv = x if kv is None else kv
         b, s, _ = x.shape
@@ -40,6 +42,8 @@ class Attention(nn.Module):
             q = apply_rotary(q, *rope_q)
         if rope_k is not None:
             k = apply_rotary(k, *rope_k)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=attn_mask, is_causal=causal and attn_mask is None,

@@ -24,35 +24,14 @@ import sys
 import torch
 
 from megatron.data.loader import build_data_loader
-from megatron.models.retro.config import RetroConfig
 from megatron.training import retro
-from megatron.training.checkpointing import find_checkpoint, load_checkpoint, read_checkpoint_config
+from megatron.training.checkpointing import find_checkpoint, load_checkpoint
 from megatron.training.config import Config
 from megatron.training.trainer import sample_counts
 
 MODES = {"retrieval_on": "on", "retrieval_off": "off", "random_retrieval": "random"}
 # Below this retrieval-off minus retrieval-on loss the model is taken to ignore its neighbours.
 DEFAULT_MIN_DELTA = 0.01
-
-
-def config_from_checkpoint(path: str, work_dir: str) -> Config:
-    saved = read_checkpoint_config(path)
-    sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "extra"}
-    cfg = Config(**{name: _build(Config.__dataclass_fields__[name].default_factory, saved[name])
-                    for name in sections})
-    saved_retro = saved.get("extra", {}).get("retro")
-    if saved_retro is None:
-        raise ValueError(f"{path}: not a pretrain_retro.py checkpoint (its config has no retro section)")
-    model = RetroConfig(**saved_retro.pop("model"))
-    cfg.extra["retro"] = retro.RetroTrainingConfig(**dict(saved_retro, model=model,
-                                                          work_dir=os.path.abspath(work_dir)))
-    return cfg
-
-
-def _build(factory, values: dict):
-    default = factory()
-    known = {f.name for f in dataclasses.fields(default)}
-    return dataclasses.replace(default, **{k: v for k, v in values.items() if k in known})
 
 
 @torch.no_grad()
@@ -88,7 +67,7 @@ def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_ba
     if found is None:
         raise ValueError(f"{load}: no complete checkpoint found")
     step, path = found
-    cfg = config_from_checkpoint(path, work_dir)
+    cfg = retro.config_from_checkpoint(path, work_dir)
     if micro_batch_size:
         cfg.training.micro_batch_size = micro_batch_size
     retro.prepare(cfg)

@@ -46,23 +46,35 @@ class ChunkedCrossAttention(Attention):
         # Shift left by m - 1 and pad to l whole chunks (l * m >= s - m + 1 always).
         shifted = x[:, m - 1:]
         shifted = F.pad(shifted, (0, 0, 0, l * m - shifted.shape[1]))
-        queries = shifted.reshape(b * l, m, -1)
-        keys = neighbors.reshape(b * l, k * r, -1)
+        out = self.attend(shifted.reshape(b * l, m, -1), neighbors.reshape(b * l, k, r, -1),
+                          None if neighbor_mask is None else neighbor_mask.reshape(b * l, k))
+        # Shift back: the first m - 1 positions receive zero, the padding is cropped.
+        out = out.reshape(b, l * m, -1)
+        return torch.cat((out.new_zeros(b, m - 1, out.shape[-1]), out), dim=1)[:, :s]
 
-        cos, sin = rope_tables(self.head_dim, max(2 * m - 1, r), self.rotary_base, device=x.device)
-        rope_q = (cos[m - 1:2 * m - 1], sin[m - 1:2 * m - 1])
+    def attend(self, queries: torch.Tensor, neighbors: torch.Tensor, neighbor_mask: torch.Tensor | None = None,
+               query_offset: int = 0) -> torch.Tensor:
+        """The attention of shifted chunks to their own neighbours, one row per chunk.
+
+        queries: [B, n, dim], positions query_offset .. query_offset + n - 1 of their shifted
+        chunk (forward passes whole chunks; incremental decoding a few tokens); neighbors:
+        [B, k, r, kv_dim] encoded; neighbor_mask: bool [B, k] or None. Returns [B, n, dim]."""
+        bl, n, _ = queries.shape
+        _, k, r, _ = neighbors.shape
+        m = self.chunk_length
+        keys = neighbors.reshape(bl, k * r, -1)
+        cos, sin = rope_tables(self.head_dim, max(2 * m - 1, r), self.rotary_base, device=queries.device)
+        first = m - 1 + query_offset
+        rope_q = (cos[first:first + n], sin[first:first + n])
         rope_k = (cos[:r].repeat(k, 1), sin[:r].repeat(k, 1))
 
         attn_mask = has_neighbor = None
         if neighbor_mask is not None:
-            chunk_mask = neighbor_mask.reshape(b * l, k)
-            has_neighbor = chunk_mask.any(dim=-1)
-            key_mask = chunk_mask | ~has_neighbor[:, None]
-            attn_mask = key_mask[:, :, None].expand(b * l, k, r).reshape(b * l, 1, 1, k * r)
+            has_neighbor = neighbor_mask.any(dim=-1)
+            key_mask = neighbor_mask | ~has_neighbor[:, None]
+            attn_mask = key_mask[:, :, None].expand(bl, k, r).reshape(bl, 1, 1, k * r)
 
         out = super().forward(queries, kv=keys, rope_q=rope_q, rope_k=rope_k, attn_mask=attn_mask)
         if has_neighbor is not None:
             out = out.masked_fill(~has_neighbor[:, None, None], 0.0)
-        # Shift back: the first m - 1 positions receive zero, the padding is cropped.
-        out = out.reshape(b, l * m, -1)
-        return torch.cat((out.new_zeros(b, m - 1, out.shape[-1]), out), dim=1)[:, :s]
+        return out
