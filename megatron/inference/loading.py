@@ -1,0 +1,32 @@
+"""A pretrain_retro.py checkpoint ready to generate: the model (eval mode), its tokenizer and
+config, checked against the work dir it will retrieve from."""
+
+import dataclasses
+
+import torch
+
+from megatron.data.tokenizers import build_tokenizer
+from megatron.retro.workdir import check_workdir_matches, load_workdir_config
+from megatron.training import retro
+from megatron.training.checkpointing import find_checkpoint, load_checkpoint
+
+
+def load_for_generation(load: str, work_dir: str, device=None):
+    """(model, tokenizer, cfg) from the newest checkpoint under `load`. The work dir may hold any
+    datastore, but its tokenizer and chunk length must be the model's."""
+    found = find_checkpoint(load)
+    if found is None:
+        raise ValueError(f"{load}: no complete checkpoint found")
+    step, path = found
+    cfg = retro.config_from_checkpoint(path, work_dir)
+    d = cfg.data
+    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_file=d.vocab_file, merge_file=d.merge_file)
+    wd_cfg = load_workdir_config(work_dir)
+    check_workdir_matches(wd_cfg, tokenizer_fingerprint=tokenizer.fingerprint(),
+                          chunk_length=cfg.extra["retro"].model.chunk_length)
+    cfg.extra["retro"].fit_from = None  # the checkpoint holds every parameter
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with torch.device(device):
+        model = retro.model_provider(cfg)
+    load_checkpoint(load, model, step=step, load_rng=False, model_config=dataclasses.asdict(cfg.model))
+    return model.eval(), tokenizer, cfg

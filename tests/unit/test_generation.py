@@ -1,0 +1,269 @@
+"""Generation: the KV-cached incremental decoder against the full forward, sampling filters,
+live retrieval from a real work dir, and the text_generation.py tool."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from megatron.inference.decoder import IncrementalDecoder
+from megatron.inference.generation import SamplingConfig, generate, sample_token
+from megatron.models.gpt.model import GPTModel
+from megatron.models.retro.config import RetroConfig
+from megatron.models.retro.model import RetroModel
+from megatron.training.config import ModelConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+V, M, K = 64, 4, 2
+
+
+def tiny_retro(gate=False, encoder_cross_attention="first", seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=V, num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32)
+    model = RetroModel(cfg, RetroConfig(chunk_length=M, num_neighbors=K, decoder_layers=[2, 4], attention_gate=gate,
+                                        encoder_cross_attention=encoder_cross_attention))
+    model.init_weights()
+    if gate:  # away from the initial 0.5, different per layer
+        for i, layer in enumerate(model.layers.values()):
+            if getattr(layer, "gate", None) is not None:
+                layer.gate.logit.data.fill_(0.3 + i)
+    return model.eval()
+
+
+def incremental_logits(model, tokens, sizes, neighbor_tokens=None, neighbor_mask=None):
+    """Feed `tokens` in steps of `sizes`, handing each step the neighbours of the chunks it completes."""
+    decoder = IncrementalDecoder(model)
+    outs, p = [], 0
+    for n in sizes:
+        neighbors = {}
+        if neighbor_tokens is not None:
+            neighbors = {u: (neighbor_tokens[:, u], neighbor_mask[:, u]) for u in decoder.chunks_completed_by(p, p + n)}
+        outs.append(decoder.step(tokens[:, p:p + n], neighbors))
+        p += n
+    assert p == tokens.shape[1]
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("gate,encoder_xattn", [(False, "first"), (True, "first"), (False, "all")])
+@pytest.mark.parametrize("prefill", [1, 3, 4, 9])
+def test_cached_incremental_logits_equal_the_full_forward_across_chunk_boundaries(gate, encoder_xattn, prefill):
+    model = tiny_retro(gate, encoder_xattn)
+    s = 15  # 3 whole chunks and a partial one: 3 boundaries crossed one token at a time
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, V, (2, s), generator=g)
+    l = -(-s // M)
+    neighbor_tokens = torch.randint(0, V, (2, l, K, 2 * M), generator=g)
+    neighbor_mask = torch.rand(2, l, K, generator=g) > 0.3
+    neighbor_mask[0, 1] = False  # a chunk without any neighbour
+    full = model(tokens, neighbor_tokens, neighbor_mask)
+    # The neighbours matter, so equality below is not retrieval being ignored.
+    assert (full - model(tokens)).abs().max() > 1e-3
+
+    inc = incremental_logits(model, tokens, [prefill] + [1] * (s - prefill), neighbor_tokens, neighbor_mask)
+    torch.testing.assert_close(inc, full, rtol=1e-5, atol=1e-5)
+    # Multi-token steps that complete one or two chunks each.
+    sizes = [prefill, 5, s - prefill - 5]
+    inc = incremental_logits(model, tokens, sizes, neighbor_tokens, neighbor_mask)
+    torch.testing.assert_close(inc, full, rtol=1e-5, atol=1e-5)
+
+
+def test_without_neighbours_the_cached_decoder_equals_the_full_forward_of_gpt_and_retro():
+    model = tiny_retro()
+    tokens = torch.randint(0, V, (1, 13), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(incremental_logits(model, tokens, [5] + [1] * 8), model(tokens), rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    gpt = GPTModel(model.cfg)
+    gpt.init_weights()
+    gpt.eval()
+    torch.testing.assert_close(incremental_logits(gpt, tokens, [2] + [1] * 11), gpt(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_refuses_neighbours_handed_to_the_wrong_step_and_positions_past_the_end():
+    model = tiny_retro()
+    decoder = IncrementalDecoder(model, max_length=6)
+    nb = (torch.zeros(1, K, 2 * M, dtype=torch.long), torch.ones(1, K, dtype=torch.bool))
+    with pytest.raises(ValueError, match="chunk 1"):
+        decoder.step(torch.zeros(1, 2, dtype=torch.long), {1: nb})
+    decoder.step(torch.zeros(1, 4, dtype=torch.long), {0: nb})
+    with pytest.raises(ValueError, match="beyond"):
+        decoder.step(torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="eval mode"):
+        IncrementalDecoder(model.train())
+
+
+class FakeRetriever:
+    """Deterministic neighbours derived from the chunk's tokens, recording what it was asked."""
+
+    chunk_length = M
+    seconds = 0.0
+
+    def __init__(self):
+        self.asked = []
+
+    def retrieve(self, chunks):
+        chunks = np.asarray(chunks)
+        self.asked += [tuple(c) for c in chunks]
+        tokens = np.stack([(np.tile(c, 2)[None] + np.arange(K)[:, None]) % V for c in chunks])
+        ids = np.tile(np.arange(K), (len(chunks), 1))
+        mask = np.ones((len(chunks), K), dtype=bool)
+        mask[:, -1] = chunks[:, 0] % 2 == 0  # sometimes only one neighbour
+        return ids, tokens, mask
+
+
+def test_generate_retrieves_every_completed_chunk_and_matches_greedy_full_forward_decoding():
+    model = tiny_retro(gate=True)
+    retriever = FakeRetriever()
+    prompt = [5, 9, 1, 3, 7, 2]  # completes chunk 0 inside the prompt
+    out = generate(model, prompt, 20, retriever, SamplingConfig(greedy=True))
+    assert len(out.tokens) == 26
+    assert [r.chunk for r in out.retrievals] == list(range(26 // M))  # chunk 6 (tokens 24..27) never completes
+    assert retriever.asked == [tuple(out.tokens[u * M:(u + 1) * M]) for u in range(26 // M)]
+
+    # Greedy decoding by full forwards over the whole text, neighbours of every completed chunk.
+    tokens = list(prompt)
+    while len(tokens) < 26:
+        t = torch.tensor([tokens])
+        l = -(-len(tokens) // M)
+        nt = torch.zeros(1, l, K, 2 * M, dtype=torch.long)
+        nm = torch.zeros(1, l, K, dtype=torch.bool)
+        for u in range(len(tokens) // M):
+            _, tok, mask = FakeRetriever().retrieve(np.array([tokens[u * M:(u + 1) * M]]))
+            nt[0, u], nm[0, u] = torch.from_numpy(tok[0]), torch.from_numpy(mask[0])
+        tokens.append(int(model(t, nt, nm)[0, -1].argmax()))
+    assert out.tokens == tokens
+
+
+def test_generate_stops_at_eod_and_at_the_last_position_and_never_samples_padding():
+    model = tiny_retro()
+    out = generate(model, [1, 2, 3], 100, None, SamplingConfig(greedy=True))
+    assert len(out.tokens) == 32  # the model's positions
+    first = out.generated[0]
+    out = generate(model, [1, 2, 3], 100, None, SamplingConfig(greedy=True), eod=first)
+    assert out.generated == [first]
+    out = generate(model, [1, 2, 3], 20, None, SamplingConfig(temperature=1.0), vocab_size=10,
+                   generator=torch.Generator().manual_seed(0))
+    assert max(out.generated) < 10
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, [], 3)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9, -1.0])
+    assert sample_token(logits, SamplingConfig(greedy=True)) == 1
+    assert sample_token(logits, SamplingConfig(temperature=0.0)) == 1
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_token(logits, SamplingConfig(top_k=2), g) for _ in range(200)}
+    assert draws == {1, 3}
+    # top-p: 1 and 3 hold ~0.84 of the mass, 2 brings it over 0.9
+    draws = {sample_token(logits, SamplingConfig(top_p=0.8), g) for _ in range(200)}
+    assert draws == {1, 3}
+    draws = {sample_token(logits, SamplingConfig(top_p=0.01), g) for _ in range(50)}
+    assert draws == {1}
+    draws = {sample_token(logits, SamplingConfig(temperature=100.0), g) for _ in range(300)}
+    assert draws == {0, 1, 2, 3, 4}
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0.0)
+
+
+# ------------------------------------------------------------ a real work dir (slow)
+
+SEQ = 128
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """12 stdlib files -> tokenizer (vocab 512) -> indexed dataset -> work dir with a Flat index."""
+    ws = tmp_path_factory.mktemp("gen")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    py = sys.executable
+    corpus, tok, prefix, wd = ws / "corpus.jsonl", ws / "tokenizer", ws / "data" / "stdlib", ws / "wd"
+    tok_args = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tok)]
+    for cmd in (
+        [py, "tools/corpus_from_files.py", "--output", str(corpus), "--max-files", "12"],
+        [py, "tools/train_tokenizer.py", "--input", str(corpus), "--vocab-size", "512", "--output", str(tok)],
+        [py, "tools/preprocess_data.py", "--input", str(corpus), "--output-prefix", str(prefix), "--json-keys",
+         "text", *tok_args, "--append-eod", "--workers", "1"],
+        [py, "tools/retro/preprocess_data.py", "--retro-tasks", "build", "--retro-work-dir", str(wd), "--data-path",
+         f"{prefix}_text_document", *tok_args, "--seq-length", str(SEQ), "--train-iters", "4",
+         "--global-batch-size", "2", "--eval-interval", "4", "--eval-iters", "1", "--split", "75,25,0",
+         "--retro-gpt-chunk-length", "64", "--retro-index-str", "Flat", "--retro-query-num-neighbors-query", "8",
+         "--retro-query-num-neighbors-save", "2"],
+    ):
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return {"ws": ws, "tokenizer": tok, "work_dir": wd}
+
+
+def retro_for_workdir(vocab_size: int, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab_size, num_layers=2, hidden_size=32, num_attention_heads=2, seq_length=SEQ)
+    model = RetroModel(cfg, RetroConfig(chunk_length=64, num_neighbors=2, decoder_layers=[2], encoder_num_layers=1))
+    model.init_weights()
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_live_retrieval_finds_the_prompt_documents_own_chunks(workspace):
+    from megatron.data.tokenizers import build_tokenizer
+    from megatron.inference.retrieval import LiveRetriever
+    from megatron.retro.chunk_db import ChunkDB
+
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", str(workspace["tokenizer"]))
+    db = ChunkDB(str(workspace["work_dir"]))
+    # A DB document with at least two whole chunks, no EOD inside them.
+    chunks = np.asarray(db.chunks)
+    doc_start = next(c for c in range(len(chunks) - 2) if chunks[c, 2] == 0 and chunks[c + 1, 3] == 64
+                     and db.valid[c] and db.valid[c + 1])
+    prompt = db.get_tokens([doc_start])[0].tolist()  # chunk c and its continuation c + 1: 128 tokens
+    assert tokenizer.eod not in prompt
+    retriever = LiveRetriever(str(workspace["work_dir"]), tokenizer, num_neighbors=2)
+    model = retro_for_workdir(128 * -(-tokenizer.vocab_size // 128))
+    out = generate(model, prompt[:64 + 10], 30, retriever, SamplingConfig(greedy=True), vocab_size=tokenizer.vocab_size)
+    assert [r.chunk for r in out.retrievals] == [0]
+    assert doc_start in out.retrievals[0].neighbor_ids.tolist()  # exact index: the chunk finds itself
+    assert retriever.seconds > 0 and out.retrieval_seconds > 0
+    # The document's next chunk finds itself too.
+    ids, _, mask = retriever.retrieve(np.array([prompt[64:128]]))
+    assert doc_start + 1 in ids[0][mask[0]].tolist()
+
+    random_retriever = LiveRetriever(str(workspace["work_dir"]), tokenizer, num_neighbors=2, mode="random", seed=3)
+    ids, tokens, mask = random_retriever.retrieve(np.array([prompt[:64]]))
+    assert mask.all() and db.valid[ids[0]].all() and tokens.shape == (1, 2, 128)
+
+
+@pytest.mark.slow
+def test_text_generation_tool_shows_neighbours_for_each_chunk(workspace, tmp_path):
+    from megatron.data.tokenizers import build_tokenizer
+    from megatron.models.retro.config import RetroConfig as RC
+    from megatron.training.checkpointing import TrainState, save_checkpoint
+    from megatron.training.config import Config, DataConfig
+    from megatron.training.retro import RetroTrainingConfig
+
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", str(workspace["tokenizer"]))
+    model = retro_for_workdir(128 * -(-tokenizer.vocab_size // 128))
+    cfg = Config(model=model.cfg, data=DataConfig(tokenizer_type="HuggingFaceTokenizer",
+                                                  tokenizer_model=str(workspace["tokenizer"])))
+    cfg.extra["retro"] = RetroTrainingConfig(add_retriever=True, work_dir=str(workspace["work_dir"]),
+                                             model=RC(**dataclasses.asdict(model.retro_cfg)))
+    save_checkpoint(str(tmp_path / "ckpt"), TrainState(iteration=1), model, None, None, dataclasses.asdict(cfg))
+
+    prompt_file = tmp_path / "prompt.txt"
+    with open(os.path.join(REPO, "tools", "retro", "text_generation.py")) as f:
+        prompt_file.write_text(f.read()[:160])  # ~100 tokens: chunk 0 and part of 1
+    base = [sys.executable, "tools/retro/text_generation.py", "--load", str(tmp_path / "ckpt"), "--retro-work-dir",
+            str(workspace["work_dir"]), "--max-new-tokens", "20", "--top-k", "5", "--temperature", "0.7"]
+    proc = subprocess.run(base + ["--prompt-file", str(prompt_file), "--show-neighbors"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--- chunk 0" in proc.stdout and "neighbour 1 (chunk" in proc.stdout
+    assert proc.stdout.split("--- text:\n", 1)[1].startswith(prompt_file.read_text())
+    off = subprocess.run(base + ["--retrieval", "off"], input="import os\n", cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert off.returncode == 0 and off.stdout.startswith("import os\n") and "retrieval off" in off.stderr
+    bad = subprocess.run(base + ["--prompt-file", str(tmp_path / "missing.txt")], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and "missing.txt" in bad.stderr
