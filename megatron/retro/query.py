@@ -28,6 +28,8 @@ _DOCUMENT_BITS = 40
 NO_DOCUMENT = -1
 # Queries searched and filtered at once: bounds the memory of the candidate arrays.
 SEARCH_BATCH = 4096
+# Rows short of k neighbours after filtering are searched again, widening k' up to this factor.
+WIDEN_LIMIT = 64
 
 
 def document_keys(dataset_ids: np.ndarray, document_ids: np.ndarray) -> np.ndarray:
@@ -115,18 +117,34 @@ class Searcher:
         texts = chunk_texts(tokens, self.db.eod, self.gpt_tokenizer)
         return self.embedder.embed(texts, progress), keys
 
+    def search_filtered(self, queries: np.ndarray, query_keys: np.ndarray, k_query: int) -> np.ndarray:
+        """int64 [Q, k]: the first k of k_query index hits per query that survive the filter."""
+        _, candidates = self.index.search(np.ascontiguousarray(queries), k_query)
+        found = candidates >= 0
+        rows = np.asarray(self.db.chunks[np.where(found, candidates, 0).reshape(-1)])
+        candidate_keys = document_keys(rows[:, DATASET], rows[:, DOCUMENT]).reshape(candidates.shape)
+        candidate_valid = np.asarray(self.db.valid[np.where(found, candidates, 0)]) & found
+        return filter_neighbors(candidates, candidate_keys, candidate_valid, query_keys, self.k_save)
+
     def neighbors(self, queries: np.ndarray, query_keys: np.ndarray) -> np.ndarray:
-        """int64 [Q, k] filtered neighbour ids of embedded chunks (-1 padded)."""
+        """int64 [Q, k] filtered neighbour ids of embedded chunks (-1 padded).
+
+        A chunk of a long document often finds only its own document among the k' nearest
+        (code files repeat themselves), so rows left short are searched again with a k' four
+        times wider, up to WIDEN_LIMIT x k' or the whole DB; rows that were complete are
+        unaffected (their first k survivors are the same in the wider list)."""
         out = np.full((len(queries), self.k_save), -1, dtype=np.int64)
+        limit = min(self.index.ntotal, WIDEN_LIMIT * self.k_query)
         for first in range(0, len(queries), SEARCH_BATCH):
             q = queries[first:first + SEARCH_BATCH]
-            _, candidates = self.index.search(np.ascontiguousarray(q), self.k_query)
-            found = candidates >= 0
-            rows = np.asarray(self.db.chunks[np.where(found, candidates, 0).reshape(-1)])
-            candidate_keys = document_keys(rows[:, DATASET], rows[:, DOCUMENT]).reshape(candidates.shape)
-            candidate_valid = np.asarray(self.db.valid[np.where(found, candidates, 0)]) & found
-            kept = filter_neighbors(candidates, candidate_keys, candidate_valid,
-                                    query_keys[first:first + SEARCH_BATCH], self.k_save)
+            keys = query_keys[first:first + SEARCH_BATCH]
+            kept = self.search_filtered(q, keys, self.k_query)
+            k_query = self.k_query
+            short = np.flatnonzero((kept < 0).any(axis=1) & np.any(q != 0, axis=1))
+            while len(short) and k_query < limit:
+                k_query = min(limit, 4 * k_query)
+                kept[short] = self.search_filtered(q[short], keys[short], k_query)
+                short = short[(kept[short] < 0).any(axis=1)]
             kept[~np.any(q != 0, axis=1)] = -1  # no text, no meaningful query
             out[first:first + len(q)] = kept
         return out

@@ -21,6 +21,7 @@ from megatron.data.tokenizers import build_tokenizer
 from megatron.retro.chunk_db import ChunkDB
 from megatron.retro.embedder import iter_embedding_blocks
 from megatron.retro.index import add_to_index, load_index, sample_training_ids, train_index
+from megatron.retro.query import WIDEN_LIMIT
 from megatron.retro.workdir import WorkDir, check_workdir_matches, expected_for_training, load_workdir_config
 from megatron.training.config import DataConfig
 from tests.distributed.launcher import launch
@@ -184,7 +185,8 @@ def test_neighbours_equal_brute_force_after_the_same_document_filter(work_dir, c
             queries = reference_embeddings(bert, [text_of(corpus["tokenizer"], t) for t in tokens])
             for c, own_documents in enumerate(sample_chunk_documents(dataset, i, corpus["prefixes"])):
                 scores = embeddings @ queries[c]
-                candidates = np.argsort(-scores, kind="stable")[:K_QUERY]
+                # Rows short of K survivors are searched again with k' widened up to WIDEN_LIMIT x.
+                candidates = np.argsort(-scores, kind="stable")[:WIDEN_LIMIT * K_QUERY]
                 kept = [n for n in candidates if db.valid[n] and chunk_documents[n] not in own_documents][:K]
                 if not queries[c].any():
                     kept = []
