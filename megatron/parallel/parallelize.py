@@ -24,10 +24,12 @@ def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: Para
                       loss_parallel: bool = True) -> nn.Module:
     """Apply TP(+SP), activation checkpointing, compile and FSDP/DDP to ``model`` in place.
 
-    With pipeline parallelism, call it on each stage's module (a stage may lack the embedding
-    or the head). ``mesh`` comes from ``megatron.parallel.mesh.build_device_mesh`` (None on a
-    single process: only recompute and compile apply). Build and initialise the model before (same seed on every
-    rank), move it to its device, then call this; create the optimizer after.
+    Build and initialise the model first (same seed on every rank) on its device, then call
+    this; create the optimizer after. ``mesh`` comes from
+    ``megatron.parallel.mesh.build_device_mesh`` (None on a single process: only recompute and
+    compile apply). With pipeline parallelism, call it on each stage's module (a stage may lack
+    the embedding or the head). With data parallel and ``bf16``, FSDP2 keeps fp32 master weights
+    and computes in bf16; without data parallel, bf16 is the trainer's autocast.
 
     With tensor parallelism and ``loss_parallel`` the model returns vocabulary-sharded DTensor
     logits: run the loss and its backward inside ``loss_parallel_context(model)``.
@@ -47,12 +49,6 @@ def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: Para
     return model
 
 
-def needs_autocast(mesh: ParallelMesh | None, bf16: bool) -> bool:
-    """bf16 comes from FSDP2's mixed-precision policy when data parallel is applied; otherwise
-    (one process, or TP only) the trainer must run forward under ``torch.autocast(bf16)``."""
-    return bf16 and (mesh is None or mesh["dp"].size() == 1)
-
-
 def parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv, *, loss_parallel: bool = False) -> Parallelized:
     """The trainer's hook (``pretrain(..., parallelize_fn=parallelize_fn)``): build the mesh from
     the flags and apply everything ``cfg`` asks for.
@@ -61,6 +57,9 @@ def parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv, *, loss_parallel
     the trainer to run forward_step and backward inside ``loss_parallel_context(model)`` and the
     loss to accept DTensor logits. Off, the head gathers the logits and any loss works.
     """
+    if cfg.parallel.pipeline_model_parallel_size > 1:  # hook for megatron/parallel/pipeline.py
+        from megatron.parallel.pipeline import pipeline_parallelize_fn  # lazy: pipeline imports this package
+        return pipeline_parallelize_fn(model, cfg, env)
     if env.is_distributed:
         mesh = build_device_mesh(cfg.parallel, env.device.type)
     else:

@@ -142,11 +142,16 @@ def residual_layout(sequence_parallel: bool):
     return Shard(1) if sequence_parallel else Replicate()
 
 
-def gather_input(prefix: str, sequence_parallel: bool) -> dict[str, ParallelStyle]:
-    """A sublayer that takes the residual stream as its first input sees the full sequence."""
-    if not sequence_parallel:
-        return {}
-    return {prefix: PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))}
+def replicated_input(prefix: str, layout=Replicate(), kwargs: tuple[str, ...] = ()) -> dict[str, ParallelStyle]:
+    """A sublayer's input (first argument, and the named keyword arguments) enters as one replicated
+    DTensor, gathered from ``layout`` (the residual stream's). Besides the all-gather under
+    sequence parallel, this makes the input's gradient from its several column-parallel
+    consumers (wq, wk, wv; w1, w3) one partial sum, all-reduced once instead of once per
+    consumer."""
+    return {prefix: PrepareModuleInput(
+        input_layouts=(layout,), desired_input_layouts=(Replicate(),),
+        input_kwarg_layouts={k: layout for k in kwargs} or None,
+        desired_input_kwarg_layouts={k: Replicate() for k in kwargs} or None)}
 
 
 def attention_plan(prefix: str, output_layout) -> dict[str, ParallelStyle]:
@@ -171,10 +176,10 @@ def transformer_block_plan(block: nn.Module, sequence_parallel: bool) -> dict[st
     residual = residual_layout(sequence_parallel)
     return {
         "attention_norm": norm_style(sequence_parallel),
-        **gather_input("attention", sequence_parallel),
+        **replicated_input("attention", residual),
         **attention_plan("attention", residual),
         "mlp_norm": norm_style(sequence_parallel),
-        **gather_input("mlp", sequence_parallel),
+        **replicated_input("mlp", residual),
         **mlp_plan("mlp", block.mlp, residual),
     }
 
@@ -186,10 +191,13 @@ def retro_encoder_plan(encoder: nn.Module) -> dict[str, ParallelStyle]:
         plan["input_proj"] = ReplicateParallel()
     for name, layer in encoder.layers.items():
         p = f"layers.{name}"
-        plan.update({f"{p}.attention_norm": ReplicateParallel(), **attention_plan(f"{p}.attention", Replicate()),
-                     f"{p}.mlp_norm": ReplicateParallel(), **mlp_plan(f"{p}.mlp", layer.mlp, Replicate())})
+        plan.update({f"{p}.attention_norm": ReplicateParallel(), **replicated_input(f"{p}.attention"),
+                     **attention_plan(f"{p}.attention", Replicate()),
+                     f"{p}.mlp_norm": ReplicateParallel(), **replicated_input(f"{p}.mlp"),
+                     **mlp_plan(f"{p}.mlp", layer.mlp, Replicate())})
         if layer.cross_attention is not None:
             plan.update({f"{p}.cross_attention_norm": ReplicateParallel(),
+                         **replicated_input(f"{p}.cross_attention", kwargs=("kv",)),
                          **attention_plan(f"{p}.cross_attention", Replicate())})
     return plan
 
