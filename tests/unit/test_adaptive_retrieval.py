@@ -67,3 +67,36 @@ def test_budget_loss_without_a_gate_and_fitting_without_retro_are_refused():
     with pytest.raises(SystemExit, match="needs --retro-add-retriever"):
         parse_args(["--retro-work-dir", "unused", "--retro-fit-from", "gpt"],
                    extra_args_provider=retro.add_retro_args, extra_config_provider=retro.retro_config_from_args)
+
+
+# ------------------------------------------------- evaluate.py --overlap-buckets (paper §2.6)
+
+
+def test_chunk_overlap_is_the_best_neighbours_share_of_the_next_chunks_13_grams():
+    import numpy as np
+
+    from tools.retro.evaluate import bucket_of, chunk_overlaps
+
+    m, r = 16, 32
+    rng = np.random.default_rng(0)
+    text = rng.integers(100, 10_000, 3 * m + 1)
+    neighbors = rng.integers(100, 10_000, (3, 2, r))  # chunk u's neighbours: random, nothing shared
+    mask = np.ones((3, 2), dtype=bool)
+    # Chunk 1 (read through chunk 0's neighbours): neighbour 1 holds its first 10 tokens -> 0 of 4
+    # 13-grams; neighbour 0 holds its first 14 tokens -> 2 of 4.
+    neighbors[0, 1, 5:15] = text[m:m + 10]
+    neighbors[0, 0, 3:17] = text[m:m + 14]
+    # Chunk 2: a whole copy in a neighbour that is masked does not count; a real one does, at offset 7.
+    neighbors[1, 0, :m] = text[2 * m:3 * m]
+    mask[1, 0] = False
+    overlaps = chunk_overlaps(text, neighbors, mask, m)
+    assert overlaps.tolist() == [0.5, 0.0]
+    mask[1, 0] = True
+    neighbors[1, 1, 7:7 + m] = text[2 * m:3 * m]
+    assert chunk_overlaps(text, neighbors, mask, m).tolist() == [0.5, 1.0]
+    # Only whole chunks: a text of 2.5 chunks has one chunk (1) to score.
+    assert len(chunk_overlaps(text[:2 * m + 8], neighbors, mask, m)) == 1
+    assert [bucket_of(x) for x in (0.0, 0.01, 0.2, 0.21, 0.5, 0.8, 0.81, 1.0)] == \
+        ["0", "<=20%", "<=20%", "<=50%", "<=50%", "<=80%", ">80%", ">80%"]
+    with pytest.raises(ValueError, match="shorter than the 13-grams"):
+        chunk_overlaps(text, neighbors, mask, 8)

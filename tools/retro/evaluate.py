@@ -12,6 +12,19 @@ Prints and writes (with --output) JSON of this shape:
 Off = no neighbour reaches any chunked cross-attention; random = neighbours drawn uniformly from
 the valid chunks of the DB, masked like the retrieved ones. A GPT checkpoint (trained without
 --retro-add-retriever) has only "retrieval_off". gate_mean is 1.0 without --retro-attention-gate.
+
+--overlap-buckets (RETRO paper §2.6, Fig. 6: is a gain modelling, or copying?) adds
+
+    "overlap_ngram": 13,
+    "overlap_buckets": {"0" | "<=20%" | "<=50%" | "<=80%" | ">80%":
+                        {"chunks", "lm_loss_on", "lm_loss_off", "delta_lm_loss_off_minus_on"}}
+
+For each whole chunk C_v (v >= 1) of each evaluated sample: the tokens of C_v are predicted by
+the positions that read the neighbours of C_{v-1} (chunked cross-attention is shifted by one
+chunk), so its overlap is the largest fraction of C_v's 13-grams of tokens found in any one of
+those neighbours (chunk + continuation); its loss is the mean lm loss of predicting C_v's
+tokens, with retrieval on and off. Bucket "0" holds overlap exactly 0, "<=20%" (0, 0.2], and so
+on. Chunk 0 reads no neighbour and is left out.
 """
 
 import argparse
@@ -21,7 +34,9 @@ import math
 import os
 import sys
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from megatron.data.loader import build_data_loader
 from megatron.training import retro
@@ -32,6 +47,78 @@ from megatron.training.trainer import sample_counts
 MODES = {"retrieval_on": "on", "retrieval_off": "off", "random_retrieval": "random"}
 # Below this retrieval-off minus retrieval-on loss the model is taken to ignore its neighbours.
 DEFAULT_MIN_DELTA = 0.01
+OVERLAP_NGRAM = 13
+# (name, upper bound) in order; a chunk goes to the first bucket whose bound it does not exceed.
+OVERLAP_BUCKETS = (("0", 0.0), ("<=20%", 0.2), ("<=50%", 0.5), ("<=80%", 0.8), (">80%", 1.0))
+
+
+def ngrams(tokens: np.ndarray, n: int) -> set[bytes]:
+    tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+    if len(tokens) < n:
+        return set()
+    return {w.tobytes() for w in np.lib.stride_tricks.sliding_window_view(tokens, n)}
+
+
+def chunk_overlaps(text: np.ndarray, neighbor_tokens: np.ndarray, neighbor_mask: np.ndarray, chunk_length: int,
+                   n: int = OVERLAP_NGRAM) -> np.ndarray:
+    """Overlap of chunks 1 .. of one sample (text [>= s + 1]; neighbours [l, k, r], mask [l, k]):
+    entry v - 1 = the largest fraction of chunk v's n-grams found in one neighbour of chunk v - 1.
+    Only whole chunks inside the first s + 1 tokens count."""
+    m = chunk_length
+    if m < n:
+        raise ValueError(f"--overlap-buckets: chunk length {m} is shorter than the {n}-grams compared")
+    num_chunks = min(len(neighbor_tokens), len(text) // m)
+    out = np.zeros(max(0, num_chunks - 1))
+    for v in range(1, num_chunks):
+        chunk = ngrams(text[v * m:(v + 1) * m], n)
+        grams = list(chunk)
+        for tokens, real in zip(neighbor_tokens[v - 1], neighbor_mask[v - 1]):
+            if real:
+                found = ngrams(tokens, n)
+                out[v - 1] = max(out[v - 1], sum(g in found for g in grams) / len(grams))
+    return out
+
+
+def bucket_of(overlap: float) -> str:
+    return next(name for name, bound in OVERLAP_BUCKETS if overlap <= bound)
+
+
+@torch.no_grad()
+def evaluate_overlap_buckets(model, cfg: Config, num_samples: int, device) -> dict:
+    """Per-chunk lm loss with retrieval on and off, grouped by the chunk's overlap with the
+    neighbours it reads (see the module docstring)."""
+    _, valid, _ = retro.datasets(cfg, sample_counts(cfg), retrieval="on", training=False)
+    m = cfg.extra["retro"].model.chunk_length
+    sums = {name: {"chunks": 0, "on": 0.0, "off": 0.0} for name, _ in OVERLAP_BUCKETS}
+    mbs = cfg.training.micro_batch_size
+    seen = 0
+    for batch in build_data_loader(valid, mbs, 0):
+        if seen + mbs > num_samples:
+            break
+        seen += mbs
+        text = batch["text"].to(device)
+        tokens, labels = text[:, :-1], text[:, 1:]
+        nb, mask = batch["neighbor_tokens"].to(device), batch["neighbor_mask"].to(device)
+        losses = {}
+        for mode, mode_mask in (("on", mask), ("off", torch.zeros_like(mask))):
+            logits = model(tokens, nb, mode_mask).float()
+            losses[mode] = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+        for i in range(len(text)):
+            overlaps = chunk_overlaps(batch["text"][i].numpy(), batch["neighbor_tokens"][i].numpy(),
+                                      batch["neighbor_mask"][i].numpy(), m)
+            for v, overlap in enumerate(overlaps, start=1):
+                # Positions v*m - 1 .. (v+1)*m - 2 predict the tokens of chunk v.
+                bucket = sums[bucket_of(overlap)]
+                bucket["chunks"] += 1
+                for mode in ("on", "off"):
+                    bucket[mode] += float(losses[mode][i, v * m - 1:(v + 1) * m - 1].mean())
+    out = {}
+    for name, b in sums.items():
+        on = b["on"] / b["chunks"] if b["chunks"] else None
+        off = b["off"] / b["chunks"] if b["chunks"] else None
+        out[name] = {"chunks": b["chunks"], "lm_loss_on": on, "lm_loss_off": off,
+                     "delta_lm_loss_off_minus_on": None if on is None else off - on}
+    return out
 
 
 @torch.no_grad()
@@ -62,7 +149,7 @@ def evaluate_mode(model, cfg: Config, mode: str, num_samples: int, device) -> di
 
 
 def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_batch_size: int | None = None,
-             device: str | None = None) -> dict:
+             device: str | None = None, overlap_buckets: bool = False) -> dict:
     found = find_checkpoint(load)
     if found is None:
         raise ValueError(f"{load}: no complete checkpoint found")
@@ -91,6 +178,11 @@ def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_ba
         on = results["retrieval_on"]["lm_loss"]
         results["delta_lm_loss_off_minus_on"] = results["retrieval_off"]["lm_loss"] - on
         results["delta_lm_loss_random_minus_on"] = results["random_retrieval"]["lm_loss"] - on
+        if overlap_buckets:
+            results["overlap_ngram"] = OVERLAP_NGRAM
+            results["overlap_buckets"] = evaluate_overlap_buckets(model, cfg, num_samples, device)
+    elif overlap_buckets:
+        raise ValueError(f"{load}: --overlap-buckets needs a RETRO checkpoint (this one is a GPT)")
     return results
 
 
@@ -104,9 +196,12 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch-size", type=int, default=None)
     p.add_argument("--min-delta", type=float, default=DEFAULT_MIN_DELTA,
                    help="warn when retrieval-off minus retrieval-on lm loss is below this")
+    p.add_argument("--overlap-buckets", action="store_true",
+                   help="also report lm loss on/off by how much of each chunk its neighbours contain (13-grams)")
     args = p.parse_args(argv)
     try:
-        results = evaluate(args.load, args.retro_work_dir, args.eval_samples, args.micro_batch_size)
+        results = evaluate(args.load, args.retro_work_dir, args.eval_samples, args.micro_batch_size,
+                           overlap_buckets=args.overlap_buckets)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
