@@ -149,6 +149,14 @@ def _add_parallel_args(parser):
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=d("distributed_backend"),
                    help="default: nccl on CUDA, gloo otherwise")
     g.add_argument("--distributed-timeout-minutes", type=int, default=d("distributed_timeout_minutes"))
+    g.add_argument("--pipeline-schedule", choices=["1F1B", "interleaved-1F1B", "gpipe"],
+                   default=d("pipeline_schedule"),
+                   help="default: interleaved-1F1B with --num-layers-per-virtual-pipeline-stage, else 1F1B")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
+                   default=d("num_layers_per_virtual_pipeline_stage"),
+                   help="interleaved schedule: layers per virtual stage (num-layers / (pp x this) stages per rank)")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=d("decoder_first_pipeline_num_layers"),
+                   help="layers of the first pipeline stage (default: all stages balanced by FLOPs)")
 
 
 def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:

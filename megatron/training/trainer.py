@@ -52,6 +52,9 @@ class Parallelized:
     dp_rank: int = 0
     dp_size: int = 1
     dp_group: Any = None  # process group over which metrics are averaged; None when dp_size is 1
+    # megatron.parallel.pipeline.PipelinedModel under --pipeline-model-parallel-size > 1: it runs
+    # the micro-batches through its schedule (LM loss on batch["text"]) instead of forward_step.
+    pipeline: Any = None
 
 
 def data_parallel(model: nn.Module, cfg: Config, env: DistEnv) -> Parallelized:
@@ -87,8 +90,9 @@ def sample_counts(cfg: Config) -> tuple[int, int, int]:
     return train, valid, test
 
 
-def _resolve_batch_sizes(cfg: Config, dp_size: int) -> int:
-    """Fills in the global batch size; returns the number of micro-batches per iteration."""
+def resolve_batch_sizes(cfg: Config, dp_size: int) -> int:
+    """Fills in the global batch size; returns the number of micro-batches per iteration (and
+    rank). Idempotent: a pipelined parallelize_fn calls it too, to build its schedule."""
     t = cfg.training
     per_step = t.micro_batch_size * dp_size
     if t.global_batch_size is None:
@@ -162,21 +166,35 @@ class _Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.autocast = lambda: torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.training.bf16)
 
+    def _pipelined_batch(self, batches: _Batches) -> dict:
+        """This rank's micro-batches of one iteration as one batch; the schedule splits it again."""
+        micro = [batches.next() for _ in range(self.num_micro)]
+        return {k: torch.cat([m[k] for m in micro]) for k in micro[0]}
+
     def train_step(self, batches: _Batches) -> tuple[dict[str, float], float, bool]:
         """One optimizer step; returns (metrics, grad norm, whether the update was applied)."""
         self.optimizer.zero_grad(set_to_none=True)
-        sums = {}
-        for i in range(self.num_micro):
-            batch = batches.next()
-            with _grad_sync(self.model, i == self.num_micro - 1):
-                with self.autocast():
-                    loss, metrics = self.forward_step(self.model, batch)
-                (loss / self.num_micro).backward()
-            _add_metrics(sums, metrics)
         clip = self.cfg.training.clip_grad
-        grad_norm = nn.utils.clip_grad_norm_(self.params, max_norm=clip if clip > 0 else math.inf)
-        if hasattr(grad_norm, "full_tensor"):  # DTensor parameters give a DTensor norm
-            grad_norm = grad_norm.full_tensor()
+        max_norm = clip if clip > 0 else math.inf
+        sums = {}
+        pipe = self.par.pipeline
+        if pipe is not None:
+            with self.autocast():
+                loss = pipe.train_step(self._pipelined_batch(batches))
+            sums, count = {LM_LOSS: loss}, 1
+            grad_norm = pipe.clip_grad_norm_(max_norm)
+        else:
+            for i in range(self.num_micro):
+                batch = batches.next()
+                with _grad_sync(self.model, i == self.num_micro - 1):
+                    with self.autocast():
+                        loss, metrics = self.forward_step(self.model, batch)
+                    (loss / self.num_micro).backward()
+                _add_metrics(sums, metrics)
+            count = self.num_micro
+            grad_norm = nn.utils.clip_grad_norm_(self.params, max_norm=max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # DTensor parameters give a DTensor norm
+                grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm)
         applied = math.isfinite(grad_norm)
         if applied:
@@ -184,18 +202,22 @@ class _Trainer:
             self.scheduler.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
-        return _average(sums, self.num_micro, self.par), grad_norm, applied
+        return _average(sums, count, self.par), grad_norm, applied
 
     @torch.no_grad()
     def evaluate(self, batches: _Batches, eval_iters: int) -> dict[str, float]:
         self.model.eval()
         sums = {}
-        for _ in range(eval_iters * self.num_micro):
+        pipe = self.par.pipeline
+        for _ in range(eval_iters if pipe is not None else eval_iters * self.num_micro):
             with self.autocast():
-                _, metrics = self.forward_step(self.model, batches.next())
+                if pipe is not None:  # forward-only schedule over the iteration's micro-batches
+                    metrics = {LM_LOSS: pipe.eval_step(self._pipelined_batch(batches))}
+                else:
+                    _, metrics = self.forward_step(self.model, batches.next())
             _add_metrics(sums, metrics)
         self.model.train()
-        return _average(sums, eval_iters * self.num_micro, self.par)
+        return _average(sums, eval_iters if pipe is not None else eval_iters * self.num_micro, self.par)
 
 
 class _Interval:
@@ -265,7 +287,10 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
     env = env or initialize_distributed(cfg.parallel)
     say = (lambda msg: print(msg, flush=True)) if env.is_last_rank else (lambda msg: None)
     t, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
-    set_random_seed(t.seed, pipeline_rank(env, cfg.parallel.pipeline_model_parallel_size))
+    pp = cfg.parallel.pipeline_model_parallel_size
+    # Every pipeline rank builds the same full model (its stages are cut from it, and copies of
+    # shared weights must start equal); Megatron's per-stage seeds apply from then on (dropout).
+    set_random_seed(t.seed)
     if flops_per_token is None:
         flops_per_token = gpt_flops_per_token(cfg.model)
 
@@ -273,11 +298,13 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
         model = model_provider(cfg)
     if hasattr(model, "init_weights"):
         model.init_weights()
+    if pp > 1:
+        set_random_seed(t.seed, pipeline_rank(env, pp))
     if post_init_fn is not None:
         post_init_fn(model, cfg)
     num_params = sum(p.numel() for p in model.parameters())
     par = parallelize_fn(model, cfg, env)
-    num_micro = _resolve_batch_sizes(cfg, par.dp_size)
+    num_micro = resolve_batch_sizes(cfg, par.dp_size)
     gbs = t.global_batch_size
     if env.is_last_rank:
         _print_config(cfg)

@@ -1,0 +1,397 @@
+"""Pipeline parallelism for GPTModel and RetroModel with ``torch.distributed.pipelining``.
+
+The model is cut at layer boundaries into ``pp x V`` stages (V virtual stages per rank for the
+interleaved schedule; stage s runs on pipeline rank s % pp). The token embedding lives on the
+first stage, the final norm, head and loss on the last. What travels between stages:
+
+- GPT: the hidden states.
+- RETRO, up to the stage holding the first retro layer (the retrieval encoder): the hidden
+  states only. From that stage on: (hidden states, encoded neighbours); the encoded neighbours
+  carry gradient, so every later chunked cross-attention's gradient flows back, summed by
+  autograd, to the stage that owns the encoder.
+
+The neighbour token ids and mask never travel: they are keyword arguments of ``schedule.step``
+on every rank (each rank loads its data-parallel slice of the batch anyway). Why not pass them
+from stage to stage: in torch 2.13's dynamic mode, shape inference runs a later stage on
+``torch.empty`` tensors built from the previous stage's output metadata, so int64 ids coming
+from a previous stage are garbage and the embedding lookup crashes; keyword arguments are run
+on the real tensors. The alternative, static ``input_args``/``output_args`` on every stage,
+would have to predict each stage's shapes (encoder width, partial last chunk, last micro-batch)
+by hand. With keywords nothing is predicted, and no int64 tensors cross the wire.
+
+Parameters used by several stages (the token embedding: first stage, the encoder's stage which
+embeds the neighbours, and the head when tied) have a copy on each pipeline rank that needs it;
+their gradients are summed over those ranks after backward, so the copies take identical
+optimizer steps (Megatron's embedding group). The gradient norm counts them once.
+
+Each rank's model (``PipelinedModel.model``) is the full model with the layers and modules of
+other ranks removed, so its parameter names are the full model's: DCP checkpoints written under
+any pipeline layout load under any other (each rank reads the names it has).
+
+Loss scaling is one process's: each micro-batch's mean loss is divided by the number of
+micro-batches before backward (``scale_grads=False``: torch's own scaling would divide a
+parameter shared by two stages of one rank twice).
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                          ScheduleInterleaved1F1B)
+from torch.distributed.tensor import DTensor
+
+from megatron.models.retro.model import RetroBlock, RetroModel
+from megatron.parallel.activation_checkpoint import apply_activation_checkpointing
+from megatron.parallel.compile import compile_blocks
+from megatron.parallel.mesh import ParallelMesh, build_device_mesh, data_parallel_rank_and_size
+from megatron.training.config import Config, ParallelConfig
+from megatron.training.initialize import DistEnv
+from megatron.training.loss import lm_loss
+from megatron.training.trainer import Parallelized, resolve_batch_sizes
+
+SCHEDULES = {"1F1B": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved-1F1B": ScheduleInterleaved1F1B}
+SHARED_EMBEDDING = "tok_embeddings.weight"
+
+
+# ----------------------------------------------------------------------------- where to cut
+
+def layer_costs(model: nn.Module, seq_length: int) -> list[float]:
+    """Forward FLOPs of each decoder layer per sample, 2 x parameters x tokens they multiply:
+    decoder weights see the s tokens, the encoder's weights and CCA's keys/values the l x k x r
+    neighbour tokens, so a retro layer, and most of all the one holding the encoder, costs more.
+    Attention score FLOPs are left out (small next to the matmuls at these widths)."""
+    neighbor_tokens = 0
+    if isinstance(model, RetroModel):
+        rc = model.retro_cfg
+        neighbor_tokens = -(-seq_length // rc.chunk_length) * rc.num_neighbors * rc.retrieved_length
+    costs = []
+    for layer in model.layers.values():
+        cost = 0.0
+        for name, p in layer.named_parameters():
+            on_neighbors = name.startswith(("encoder.", "cca.wk.", "cca.wv."))
+            cost += 2.0 * p.numel() * (neighbor_tokens if on_neighbors else seq_length)
+        costs.append(cost)
+    return costs
+
+
+def balanced_split(costs: list[float], num_stages: int, last_extra: float = 0.0,
+                   first_stage_layers: int | None = None) -> list[int]:
+    """Layers per stage: contiguous, at least one each, minimising the most expensive stage
+    (``last_extra``: the head's cost, on the last stage). ``first_stage_layers`` fixes the
+    first stage (Megatron's --decoder-first-pipeline-num-layers) and balances the rest."""
+    n = len(costs)
+    if num_stages > n:
+        raise ValueError(f"{num_stages} pipeline stages need at least as many layers, the model has {n}")
+    if first_stage_layers is not None:
+        if not 1 <= first_stage_layers <= n - (num_stages - 1):
+            raise ValueError(f"--decoder-first-pipeline-num-layers {first_stage_layers} leaves no layer for "
+                             f"some of the other {num_stages - 1} stages ({n} layers)")
+        if num_stages == 1:
+            return [n]
+        return [first_stage_layers] + balanced_split(costs[first_stage_layers:], num_stages - 1, last_extra)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def cost(i, j, last):  # layers i..j-1 as one stage
+        return prefix[j] - prefix[i] + (last_extra if last else 0.0)
+
+    # best[s][j]: (max stage cost, split) for the first j layers in s stages
+    best = {(1, j): (cost(0, j, num_stages == 1), [j]) for j in range(1, n + 1)}
+    for s in range(2, num_stages + 1):
+        for j in range(s, n + 1):
+            best[s, j] = min(
+                ((max(best[s - 1, i][0], cost(i, j, s == num_stages)), best[s - 1, i][1] + [j - i])
+                 for i in range(s - 1, j)), key=lambda t: t[0])
+    return best[num_stages, n][1]
+
+
+def stage_layers(model: nn.Module, split: list[int]) -> list[list[str]]:
+    keys = list(model.layers.keys())
+    if sum(split) != len(keys) or min(split) < 1:
+        raise ValueError(f"pipeline split {split} must give each stage >= 1 layer and sum to {len(keys)} layers")
+    out, start = [], 0
+    for count in split:
+        out.append(keys[start:start + count])
+        start += count
+    return out
+
+
+# ----------------------------------------------------------------------------- stage modules
+
+def _is_tied(model: nn.Module) -> bool:
+    return model.output.weight is model.tok_embeddings.weight
+
+
+def _encoder_layer(model: nn.Module) -> str | None:
+    for key, layer in model.layers.items():
+        if isinstance(layer, RetroBlock) and layer.encoder is not None:
+            return key
+    return None
+
+
+class StageModule(nn.Module):
+    """Layers ``keys`` of a (pruned) GPTModel/RetroModel as one pipeline stage.
+
+    forward(tokens | hidden | (hidden, encoded neighbours), *, neighbor_tokens, neighbor_mask)
+    -> hidden | (hidden, encoded neighbours) | logits (last stage). Submodules are the rank
+    model's own (shared, not copied), registered under the same names."""
+
+    def __init__(self, model: nn.Module, keys: list[str], is_first: bool, is_last: bool):
+        super().__init__()
+        self.is_first, self.is_last = is_first, is_last
+        self.layers = nn.ModuleDict({k: model.layers[k] for k in keys})
+        needs_embedding = is_first or (is_last and _is_tied(model)) or any(
+            isinstance(layer, RetroBlock) and layer.encoder is not None for layer in self.layers.values())
+        self.tok_embeddings = model.tok_embeddings if needs_embedding else None
+        self.norm = model.norm if is_last else None
+        self.output = model.output if is_last else None
+        # Bound methods, not submodules: the rope tables and the neighbour embedding rule are the model's.
+        self._rope = model.rope
+        self._is_retro = isinstance(model, RetroModel)
+        if self._is_retro:
+            self._check_neighbors, self._embed_neighbors = model.check_neighbors, model.embed_neighbors
+
+    def forward(self, *inputs, neighbor_tokens=None, neighbor_mask=None):
+        neighbors = None
+        if self.is_first:
+            (tokens,) = inputs
+            if neighbor_tokens is not None:
+                self._check_neighbors(tokens, neighbor_tokens, neighbor_mask)
+            h = self.tok_embeddings(tokens)
+        else:
+            h, neighbors = inputs[0], (inputs[1] if len(inputs) > 1 else None)
+        rope = self._rope(h.shape[1])
+        for layer in self.layers.values():
+            if isinstance(layer, RetroBlock):
+                if layer.encoder is not None and neighbor_tokens is not None:
+                    neighbors = self._embed_neighbors(neighbor_tokens, neighbor_mask)
+                h, neighbors = layer(h, rope, neighbors, neighbor_mask)
+            else:
+                h = layer(h, rope)
+        if self.is_last:
+            return self.output(self.norm(h))
+        return h if neighbors is None else (h, neighbors)
+
+
+def prune_to_stages(model: nn.Module, stage_keys: list[list[str]], local_stages: list[int]) -> nn.Module:
+    """Remove from ``model`` (in place) what no local stage uses; names of what stays are unchanged."""
+    num_stages = len(stage_keys)
+    keep = {k for s in local_stages for k in stage_keys[s]}
+    tied = _is_tied(model)
+    encoder_key = _encoder_layer(model)
+    uses_embedding = any(s == 0 or (s == num_stages - 1 and tied) or encoder_key in stage_keys[s]
+                         for s in local_stages)
+    for key in list(model.layers.keys()):
+        if key not in keep:
+            del model.layers[key]
+    if not uses_embedding:
+        model.tok_embeddings = None
+    if num_stages - 1 not in local_stages:
+        model.norm = None
+        model.output = None
+    return model
+
+
+# ----------------------------------------------------------------------------- the pipelined model
+
+def _pipeline_lines(mesh: ParallelMesh) -> list[list[int]]:
+    """Global ranks of every pipeline line (same dp and tp coordinates, pp = 0..P-1)."""
+    ranks = mesh.world.mesh
+    return ranks.reshape(ranks.shape[0], -1).T.tolist()
+
+
+class PipelinedModel:
+    """This rank's stages, schedule and the gradient bookkeeping around them.
+
+    train_step(batch) / eval_step(batch): batch = {"text": int64 [n x mbs, s + 1],
+    optional "neighbor_tokens", "neighbor_mask"} holding this data-parallel rank's n micro-batches;
+    returns the mean LM loss over them on every rank of the pipeline."""
+
+    def __init__(self, model: nn.Module, mesh: ParallelMesh, *, num_microbatches: int, schedule: str = "1F1B",
+                 virtual_stages: int = 1, split: list[int] | None = None,
+                 first_stage_layers: int | None = None, seq_length: int | None = None):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown --pipeline-schedule {schedule!r} (expected one of {', '.join(SCHEDULES)})")
+        interleaved = schedule == "interleaved-1F1B"
+        if virtual_stages > 1 and not interleaved:
+            raise ValueError(f"{virtual_stages} virtual pipeline stages per rank need --pipeline-schedule "
+                             f"interleaved-1F1B, not {schedule}")
+        pp_mesh = mesh["pp"]
+        self.pp_size, self.pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
+        self.pp_group = pp_mesh.get_group()
+        self.dp_group = mesh["dp"].get_group() if mesh["dp"].size() > 1 else None
+        self.dp_size = mesh["dp"].size()
+        self.num_microbatches = num_microbatches
+        num_stages = self.pp_size * virtual_stages
+        device = next(model.parameters()).device
+
+        if split is None:
+            seq = seq_length if seq_length is not None else model.cfg.seq_length
+            head = 2.0 * model.output.weight.numel() * seq
+            split = balanced_split(layer_costs(model, seq), num_stages, head, first_stage_layers)
+        if len(split) != num_stages:
+            raise ValueError(f"pipeline split {split} has {len(split)} stages, expected {num_stages}")
+        self.split = split
+        stage_keys = stage_layers(model, split)
+        local = list(range(self.pp_rank, num_stages, self.pp_size))
+        self.local_stages = local
+
+        # Which pipeline ranks hold a copy of the token embedding (see the module docstring).
+        encoder_key = _encoder_layer(model)
+        users = {0} | ({num_stages - 1} if _is_tied(model) else set())
+        users |= {s for s, keys in enumerate(stage_keys) if encoder_key in keys}
+        self.embedding_ranks = sorted({s % self.pp_size for s in users})
+        self._embedding_group = None
+        if len(self.embedding_ranks) > 1:
+            # new_group is collective over the world: every rank creates every line's group.
+            for line in _pipeline_lines(mesh):
+                group = dist.new_group([line[r] for r in self.embedding_ranks])
+                if dist.get_rank() in line:
+                    self._embedding_group = group
+
+        self.model = prune_to_stages(model, stage_keys, local)
+        self.stage_modules = [StageModule(self.model, stage_keys[s], s == 0, s == num_stages - 1) for s in local]
+        stages = [PipelineStage(m, s, num_stages, device, group=self.pp_group)
+                  for m, s in zip(self.stage_modules, local)]
+        n = num_microbatches
+
+        def loss_fn(logits, labels):  # per micro-batch, scaled as one process accumulates
+            return lm_loss(logits, labels) / n
+
+        cls = SCHEDULES[schedule]
+        self.schedule = cls(stages if interleaved else stages[0], n, loss_fn=loss_fn, scale_grads=False)
+        self.has_last_stage = num_stages - 1 in local
+        self.last_rank = dist.get_global_rank(self.pp_group, self.pp_size - 1)
+
+    def _run(self, batch: dict, train: bool) -> torch.Tensor:
+        text = batch["text"]
+        if text.shape[0] % self.num_microbatches:
+            raise ValueError(f"batch of {text.shape[0]} samples does not split into "
+                             f"{self.num_microbatches} micro-batches")
+        tokens, labels = text[:, :-1], text[:, 1:]
+        kwargs = {k: batch[k] for k in ("neighbor_tokens", "neighbor_mask") if k in batch}
+        losses = []
+        args = (tokens,) if 0 in self.local_stages else ()
+        target = labels if self.has_last_stage else None
+        run = self.schedule.step if train else self.schedule.eval
+        run(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+        loss = (torch.stack([x.detach().float() for x in losses]).sum() if self.has_last_stage
+                else torch.zeros((), device=text.device))
+        dist.broadcast(loss, self.last_rank, group=self.pp_group)
+        return loss
+
+    def train_step(self, batch: dict) -> torch.Tensor:
+        """Forward and backward of every micro-batch; gradients then summed over the embedding's
+        copies and averaged over data-parallel ranks. Returns the mean loss."""
+        loss = self._run(batch, train=True)
+        self._sync_grads()
+        return loss
+
+    @torch.no_grad()
+    def eval_step(self, batch: dict) -> torch.Tensor:
+        for m in self.stage_modules:
+            m.eval()
+        try:
+            return self._run(batch, train=False)
+        finally:
+            for m in self.stage_modules:
+                m.train()
+
+    def _local_grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        if p.grad is None:
+            return None
+        return p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+
+    def _sync_grads(self):
+        if self._embedding_group is not None:
+            emb = self.model.tok_embeddings.weight
+            if emb.grad is None:
+                emb.grad = torch.zeros_like(emb)
+            dist.all_reduce(self._local_grad(emb), group=self._embedding_group)
+        if self.dp_group is not None:
+            # DDP's semantics without its wrapper (which does not know the pipeline's backward):
+            # every rank's loss is a mean over its slice, so the average is the global batch's gradient.
+            for p in self.model.parameters():
+                g = self._local_grad(p)
+                if g is not None:
+                    dist.all_reduce(g, group=self.dp_group)
+                    g.div_(self.dp_size)
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Global gradient norm over every stage (a shared embedding counted once) and, as
+        ``torch.nn.utils.clip_grad_norm_`` does, every gradient scaled by min(1, max/norm)."""
+        grads, counted = [], []
+        for name, p in self.model.named_parameters():
+            if p.grad is None:
+                continue
+            grads.append(p.grad)
+            if name != SHARED_EMBEDDING or self.pp_rank == self.embedding_ranks[0]:
+                counted.append(p.grad)
+        squares = torch.zeros((), dtype=torch.float32, device=next(self.model.parameters()).device)
+        for g in counted:
+            norm = torch.linalg.vector_norm(g.float())
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
+            squares = squares + norm ** 2
+        dist.all_reduce(squares, group=self.pp_group)
+        total = squares.sqrt()
+        if max_norm < math.inf:
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coef)
+        return float(total)
+
+
+# ----------------------------------------------------------------------------- the trainer's hook
+
+def pipeline_layout(parallel: ParallelConfig, num_layers: int) -> tuple[str, int, list[int] | None]:
+    """(schedule, virtual stages per rank, explicit split or None for FLOP balancing) from the flags.
+    Megatron's rule: --num-layers-per-virtual-pipeline-stage v gives num_layers / (pp x v) stages per rank."""
+    pp, per_virtual = parallel.pipeline_model_parallel_size, parallel.num_layers_per_virtual_pipeline_stage
+    virtual, split = 1, None
+    if per_virtual is not None:
+        if parallel.decoder_first_pipeline_num_layers is not None:
+            raise ValueError("--decoder-first-pipeline-num-layers and --num-layers-per-virtual-pipeline-stage "
+                             "both fix the split: give one")
+        if per_virtual < 1 or num_layers % (pp * per_virtual):
+            raise ValueError(f"--num-layers {num_layers} is not a multiple of --pipeline-model-parallel-size {pp} "
+                             f"x --num-layers-per-virtual-pipeline-stage {per_virtual}")
+        virtual = num_layers // (pp * per_virtual)
+        split = [per_virtual] * (pp * virtual)
+    schedule = parallel.pipeline_schedule or ("interleaved-1F1B" if per_virtual is not None else "1F1B")
+    return schedule, virtual, split
+
+
+def pipeline_parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv) -> Parallelized:
+    """megatron.parallel.parallelize.parallelize_fn under --pipeline-model-parallel-size > 1: cut
+    the model into this rank's stages, then recompute / compile per block; data parallel is a
+    gradient all-reduce after the schedule (see PipelinedModel). The trainer drives
+    ``Parallelized.pipeline`` (its LM loss on batch["text"]) instead of its forward_step."""
+    p, t = cfg.parallel, cfg.training
+    unsupported = [flag for flag, on in (
+        ("--tensor-model-parallel-size > 1", p.tensor_model_parallel_size > 1),
+        ("--sequence-parallel", p.sequence_parallel),
+        ("--data-parallel-type fsdp / --use-distributed-optimizer", p.data_parallel_type != "ddp"),
+        # The gate values live on several stages; their mean is not gathered to the loss.
+        ("--retro-budget-loss-coeff", getattr(cfg.extra.get("retro"), "budget_loss_coeff", 0.0)),
+    ) if on]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)}: not supported with --pipeline-model-parallel-size > 1 yet")
+    if not env.is_distributed:
+        raise ValueError(f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size} needs that many "
+                         "processes at least (launch with torchrun)")
+    mesh = build_device_mesh(p, env.device.type)
+    dp_rank, dp_size = data_parallel_rank_and_size(mesh)
+    schedule, virtual, split = pipeline_layout(p, cfg.model.num_layers)
+    pipe = PipelinedModel(model, mesh, num_microbatches=resolve_batch_sizes(cfg, dp_size), schedule=schedule,
+                          virtual_stages=virtual, split=split,
+                          first_stage_layers=p.decoder_first_pipeline_num_layers, seq_length=cfg.model.seq_length)
+    if t.recompute_granularity is not None:
+        apply_activation_checkpointing(pipe.model, t.recompute_granularity)
+    if t.use_torch_compile:
+        compile_blocks(pipe.model)
+    return Parallelized(pipe.model, dp_rank=dp_rank, dp_size=dp_size,
+                        dp_group=mesh["dp"].get_group() if dp_size > 1 else None, pipeline=pipe)
