@@ -8,7 +8,8 @@ tests/unit/test_generation.py). What a step keeps:
   position of attention, not a re-run of the window);
 - at the layer holding the retrieval encoder, the cca_norm states of every position: chunk u's
   neighbours are encoded conditioned on the m states of chunk u;
-- the encoded neighbours E_u of the chunks that positions still to come attend to.
+- the encoded neighbours E_u of the chunks that positions still to come attend to, and each
+  retro layer's CCA keys/values of them (projected once per chunk, not once per token).
 
 Causality (see models/retro/chunked_cross_attention.py): positions (u+1)m-1 .. (u+2)m-2 attend
 to the neighbours of chunk u, so chunk u's neighbours must be handed to the step that feeds its
@@ -60,6 +61,7 @@ class IncrementalDecoder:
         self.length = 0
         self.chunk_states = None  # [b, max_length, h]: cca_norm states at the encoder's layer
         self.encoded = {}  # chunk u -> (E_u [b, k, r, d_enc], mask [b, k])
+        self.projected = {}  # chunk u -> {retro layer number: CCA keys and values of E_u}
 
     def chunks_completed_by(self, start: int, end: int) -> range:
         """Chunks whose last position lies in [start, end): their neighbours go with that step."""
@@ -118,6 +120,7 @@ class IncrementalDecoder:
             for u, (neighbor_embeddings, mask) in embedded.items():
                 states = self.chunk_states[:, u * m:(u + 1) * m]
                 self.encoded[u] = (layer.encoder(neighbor_embeddings[:, None], states)[:, 0], mask)
+                self.projected[u] = {}
         out = torch.zeros_like(hn)
         # Position p reads chunk (p - m + 1) // m; positions before m - 1 read nothing.
         p = max(start, m - 1)
@@ -126,7 +129,11 @@ class IncrementalDecoder:
             stop = min(start + n, (u + 2) * m - 1)
             if u in self.encoded:
                 encoded, mask = self.encoded[u]
-                piece = layer.cca.attend(hn[:, p - start:stop - start], encoded, mask,
+                # Each retro layer's keys/values of E_u: projected once, read by up to m tokens.
+                projected = self.projected[u]
+                if layer.layer_number not in projected:
+                    projected[layer.layer_number] = layer.cca.neighbor_keys_values(encoded)
+                piece = layer.cca.attend(hn[:, p - start:stop - start], projected[layer.layer_number], mask,
                                          query_offset=p - (u + 1) * m + 1)
                 out[:, p - start:stop - start] = piece if layer.gate is None else layer.gate(piece)
             p = stop
@@ -138,4 +145,4 @@ class IncrementalDecoder:
             return
         first_needed = (self.length - self.chunk_length + 1) // self.chunk_length
         for u in [u for u in self.encoded if u < first_needed]:
-            del self.encoded[u]
+            del self.encoded[u], self.projected[u]

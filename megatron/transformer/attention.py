@@ -24,24 +24,31 @@ class Attention(nn.Module):
         self.wv = nn.Linear(kv_dim, num_heads * head_dim, bias=bias)
         self.wo = nn.Linear(num_heads * head_dim, dim, bias=bias)
 
-    def forward(self, x, kv=None, rope_q=None, rope_k=None, causal=False, attn_mask=None, kv_cache=None):
+    def project_kv(self, kv, rope_k=None):
+        """Keys and values [b, t, heads, head_dim] of the source kv [b, t, kv_dim], keys rotated."""
+        b, t, _ = kv.shape
+        k = self.wk(kv).view(b, t, -1, self.head_dim)
+        v = self.wv(kv).view(b, t, -1, self.head_dim)
+        if rope_k is not None:
+            k = apply_rotary(k, *rope_k)
+        return k, v
+
+    def forward(self, x, kv=None, rope_q=None, rope_k=None, causal=False, attn_mask=None, kv_cache=None,
+                projected_kv=None):
         """x: [b, s, dim] queries; kv: [b, t, kv_dim] keys/values source (None: self-attention).
 
         rope_q / rope_k: (cos, sin) tables for query / key positions, or None for no RoPE.
         attn_mask: bool [b or 1, 1, s, t], True = may attend.
-        kv_cache: incremental decoding (megatron/inference): an object whose `update(k, v)` stores
-        this call's rotated keys/values [b, t, heads, head_dim] and returns all cached so far.
+        Incremental decoding (megatron/inference):
+        kv_cache: an object whose `update(k, v)` stores this call's rotated keys/values
+        [b, t, heads, head_dim] and returns all cached so far;
+        projected_kv: (k, v) from `project_kv`, computed once and reused (kv and rope_k unused).
         """
-        kv = x if kv is None else kv
         b, s, _ = x.shape
-        t = kv.shape[1]
         q = self.wq(x).view(b, s, -1, self.head_dim)
-        k = self.wk(kv).view(b, t, -1, self.head_dim)
-        v = self.wv(kv).view(b, t, -1, self.head_dim)
         if rope_q is not None:
             q = apply_rotary(q, *rope_q)
-        if rope_k is not None:
-            k = apply_rotary(k, *rope_k)
+        k, v = projected_kv if projected_kv is not None else self.project_kv(x if kv is None else kv, rope_k)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         out = F.scaled_dot_product_attention(

@@ -52,29 +52,36 @@ class ChunkedCrossAttention(Attention):
         out = out.reshape(b, l * m, -1)
         return torch.cat((out.new_zeros(b, m - 1, out.shape[-1]), out), dim=1)[:, :s]
 
-    def attend(self, queries: torch.Tensor, neighbors: torch.Tensor, neighbor_mask: torch.Tensor | None = None,
+    def neighbor_keys_values(self, neighbors: torch.Tensor):
+        """Keys (rotated) and values [B, k * r, heads, head_dim] of encoded neighbours [B, k, r, kv_dim]."""
+        bl, k, r, _ = neighbors.shape
+        cos, sin = rope_tables(self.head_dim, r, self.rotary_base, device=neighbors.device)
+        return self.project_kv(neighbors.reshape(bl, k * r, -1), (cos.repeat(k, 1), sin.repeat(k, 1)))
+
+    def attend(self, queries: torch.Tensor, neighbors, neighbor_mask: torch.Tensor | None = None,
                query_offset: int = 0) -> torch.Tensor:
         """The attention of shifted chunks to their own neighbours, one row per chunk.
 
         queries: [B, n, dim], positions query_offset .. query_offset + n - 1 of their shifted
         chunk (forward passes whole chunks; incremental decoding a few tokens); neighbors:
-        [B, k, r, kv_dim] encoded; neighbor_mask: bool [B, k] or None. Returns [B, n, dim]."""
+        [B, k, r, kv_dim] encoded, or their `neighbor_keys_values` (decoding computes them once
+        per chunk); neighbor_mask: bool [B, k] or None. Returns [B, n, dim]."""
+        keys_values = neighbors if isinstance(neighbors, tuple) else self.neighbor_keys_values(neighbors)
         bl, n, _ = queries.shape
-        _, k, r, _ = neighbors.shape
         m = self.chunk_length
-        keys = neighbors.reshape(bl, k * r, -1)
-        cos, sin = rope_tables(self.head_dim, max(2 * m - 1, r), self.rotary_base, device=queries.device)
+        cos, sin = rope_tables(self.head_dim, 2 * m - 1, self.rotary_base, device=queries.device)
         first = m - 1 + query_offset
         rope_q = (cos[first:first + n], sin[first:first + n])
-        rope_k = (cos[:r].repeat(k, 1), sin[:r].repeat(k, 1))
 
         attn_mask = has_neighbor = None
         if neighbor_mask is not None:
+            k = neighbor_mask.shape[1]
+            r = keys_values[0].shape[1] // k
             has_neighbor = neighbor_mask.any(dim=-1)
             key_mask = neighbor_mask | ~has_neighbor[:, None]
             attn_mask = key_mask[:, :, None].expand(bl, k, r).reshape(bl, 1, 1, k * r)
 
-        out = super().forward(queries, kv=keys, rope_q=rope_q, rope_k=rope_k, attn_mask=attn_mask)
+        out = super().forward(queries, rope_q=rope_q, attn_mask=attn_mask, projected_kv=keys_values)
         if has_neighbor is not None:
             out = out.masked_fill(~has_neighbor[:, None, None], 0.0)
         return out
