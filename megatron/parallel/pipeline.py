@@ -221,6 +221,10 @@ class PipelinedModel:
                              f"interleaved-1F1B, not {schedule}")
         pp_mesh = mesh["pp"]
         self.pp_size, self.pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
+        if schedule != "gpipe" and num_microbatches < self.pp_size:
+            raise ValueError(f"--pipeline-schedule {schedule} needs at least --pipeline-model-parallel-size "
+                             f"{self.pp_size} micro-batches per iteration, got {num_microbatches} (--global-batch-size "
+                             "/ (--micro-batch-size x data-parallel size)); raise the global batch or use gpipe")
         self.pp_group = pp_mesh.get_group()
         self.dp_group = mesh["dp"].get_group() if mesh["dp"].size() > 1 else None
         self.dp_size = mesh["dp"].size()
