@@ -74,8 +74,8 @@ class IncrementalDecoder:
         (neighbour tokens [b, k, r], mask bool [b, k])} for chunks completed by this step.
         Returns logits [b, n, V]."""
         model = self.model
-        b, n = tokens.shape
-        start, end = self.length, self.length + tokens.shape[1]
+        n = tokens.shape[1]
+        start, end = self.length, self.length + n
         if end > self.max_length:
             raise ValueError(f"position {end - 1} is beyond the {self.max_length} positions of this decoder")
         neighbors = neighbors or {}
