@@ -19,7 +19,8 @@ Run (after `bash benchmarks/setup_peer_env.sh` for part 2):
    temporary directory from 12 stdlib files (about 2 minutes), as examples/retro/quickstart.py does.
 
 The machine may be shared, so measurements are interleaved (GPT, RETRO, peer, loader, GPT, ...)
-and medians over rounds are reported. CPU runs are fp32 with --threads (default 2) torch threads.
+and medians over rounds are reported, with the median of the per-round ratios (each round's two
+timings saw the same load). CPU runs are fp32 with --threads (default 2) torch threads.
 Not a test: numbers depend on the machine.
 """
 
@@ -316,6 +317,12 @@ def main():
         tmp.cleanup()
 
     med = {k: statistics.median(v) for k, v in times.items() if v}
+
+    def paired(num: str, den: str) -> str:
+        """Median and range of the per-round ratios: both timings of a round saw the same load."""
+        ratios = sorted(a / b for a, b in zip(times[num], times[den]))
+        return f"{statistics.median(ratios):.2f}x (per-round {ratios[0]:.2f}-{ratios[-1]:.2f})"
+
     tokens = args.micro_batch_size * seq_length
     gpt_fpt = gpt_flops_per_token(cfg)
     retro_fpt = retro_flops_per_token(cfg, rcfg)
@@ -336,15 +343,20 @@ def main():
                                           ("RETRO", retro, med["retro"], retro_fpt, retro_flops)):
         print(f"{name:<14} {count_parameters(model) / 1e6:>9.2f} {secs:>8.3f} {tokens / secs:>9.0f} "
               f"{fpt / 1e9:>9.3f} {flops / 1e9:>8.1f} {flops / peak:>7.0%}")
-    print(f"RETRO/GPT step time {med['retro'] / med['gpt']:.2f}x; "
-          f"RETRO/GPT FLOP/s {retro_flops / gpt_flops:.2f} (aim >= 0.9)")
+    fpt_ratio = retro_fpt / gpt_fpt
+    print(f"RETRO/GPT step time {med['retro'] / med['gpt']:.2f}x of medians, {paired('retro', 'gpt')} paired; "
+          f"FLOPs per token {fpt_ratio:.2f}x")
+    print(f"RETRO/GPT FLOP/s {retro_flops / gpt_flops:.2f} of medians, "
+          f"{fpt_ratio / statistics.median(r / g for r, g in zip(times['retro'], times['gpt'])):.2f} paired "
+          f"(aim >= 0.9)")
     if peer is not None:
         print()
         print("2. RETRO vs retro-pytorch 0.3.9, same configuration")
         print(f"{'model':<14} {'params(M)':>9} {'s/step':>8} {'tokens/s':>9}")
         print(f"{'ours':<14} {count_parameters(retro) / 1e6:>9.2f} {med['retro']:>8.3f} {tokens / med['retro']:>9.0f}")
         print(f"{'retro-pytorch':<14} {peer.params / 1e6:>9.2f} {med['peer']:>8.3f} {tokens / med['peer']:>9.0f}")
-        print(f"tokens/s ours / retro-pytorch {med['peer'] / med['retro']:.2f}x (aim >= 1.5x)")
+        print(f"tokens/s ours / retro-pytorch {med['peer'] / med['retro']:.2f}x of medians, "
+              f"{paired('peer', 'retro')} paired (aim >= 1.5x)")
         print("differences that remain: retro-pytorch adds a learned absolute position embedding and rotates "
               "32 dims of each head (ours: RoPE on all dims, no absolute embedding); it has biases on "
               "attention outputs and MLPs, an encoder output projection and a null key/value in CCA; "
