@@ -46,6 +46,7 @@ from megatron.models.retro.model import RetroBlock, RetroModel
 from megatron.parallel.activation_checkpoint import apply_activation_checkpointing
 from megatron.parallel.compile import compile_blocks
 from megatron.parallel.mesh import ParallelMesh, build_device_mesh, data_parallel_rank_and_size
+from megatron.parallel.tensor_parallel import parallelize_tensor_parallel
 from megatron.training.config import Config, ParallelConfig
 from megatron.training.initialize import DistEnv
 from megatron.training.loss import lm_loss
@@ -139,9 +140,11 @@ class StageModule(nn.Module):
     -> hidden | (hidden, encoded neighbours) | logits (last stage). Submodules are the rank
     model's own (shared, not copied), registered under the same names."""
 
-    def __init__(self, model: nn.Module, keys: list[str], is_first: bool, is_last: bool):
+    def __init__(self, model: nn.Module, keys: list[str], is_first: bool, is_last: bool, sequence_shards: int = 1):
         super().__init__()
         self.is_first, self.is_last = is_first, is_last
+        # Under sequence parallel the hidden states between stages are this rank's sequence shard.
+        self.sequence_shards = sequence_shards
         self.layers = nn.ModuleDict({k: model.layers[k] for k in keys})
         needs_embedding = is_first or (is_last and _is_tied(model)) or any(
             isinstance(layer, RetroBlock) and layer.encoder is not None for layer in self.layers.values())
@@ -163,7 +166,7 @@ class StageModule(nn.Module):
             h = self.tok_embeddings(tokens)
         else:
             h, neighbors = inputs[0], (inputs[1] if len(inputs) > 1 else None)
-        rope = self._rope(h.shape[1])
+        rope = self._rope(tokens.shape[1] if self.is_first else h.shape[1] * self.sequence_shards)
         for layer in self.layers.values():
             if isinstance(layer, RetroBlock):
                 if layer.encoder is not None and neighbor_tokens is not None:
@@ -212,7 +215,8 @@ class PipelinedModel:
 
     def __init__(self, model: nn.Module, mesh: ParallelMesh, *, num_microbatches: int, schedule: str = "1F1B",
                  virtual_stages: int = 1, split: list[int] | None = None,
-                 first_stage_layers: int | None = None, seq_length: int | None = None):
+                 first_stage_layers: int | None = None, seq_length: int | None = None,
+                 sequence_parallel: bool = False):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown --pipeline-schedule {schedule!r} (expected one of {', '.join(SCHEDULES)})")
         interleaved = schedule == "interleaved-1F1B"
@@ -257,7 +261,14 @@ class PipelinedModel:
                     self._embedding_group = group
 
         self.model = prune_to_stages(model, stage_keys, local)
-        self.stage_modules = [StageModule(self.model, stage_keys[s], s == 0, s == num_stages - 1) for s in local]
+        tp = mesh["tp"].size()
+        if tp > 1:
+            # The stage's share of the TP(+SP) plan; activations between stages stay plain tensors.
+            parallelize_tensor_parallel(self.model, mesh["tp"], sequence_parallel=sequence_parallel,
+                                        loss_parallel_enabled=False)
+        shards = tp if sequence_parallel else 1
+        self.stage_modules = [StageModule(self.model, stage_keys[s], s == 0, s == num_stages - 1, shards)
+                              for s in local]
         stages = [PipelineStage(m, s, num_stages, device, group=self.pp_group)
                   for m, s in zip(self.stage_modules, local)]
         n = num_microbatches
@@ -314,6 +325,10 @@ class PipelinedModel:
             emb = self.model.tok_embeddings.weight
             if emb.grad is None:
                 emb.grad = torch.zeros_like(emb)
+            if isinstance(emb.grad, DTensor) and emb.grad.placements != emb.placements:
+                # Under TP the lookup's gradient may come back in another layout (replicated or
+                # partial) than the head's; the copies' local tensors must be the same shard.
+                emb.grad = emb.grad.redistribute(emb.device_mesh, emb.placements)
             dist.all_reduce(self._local_grad(emb), group=self._embedding_group)
         if self.dp_group is not None:
             # DDP's semantics without its wrapper (which does not know the pipeline's backward):
@@ -371,13 +386,11 @@ def pipeline_layout(parallel: ParallelConfig, num_layers: int) -> tuple[str, int
 
 def pipeline_parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv) -> Parallelized:
     """megatron.parallel.parallelize.parallelize_fn under --pipeline-model-parallel-size > 1: cut
-    the model into this rank's stages, then recompute / compile per block; data parallel is a
-    gradient all-reduce after the schedule (see PipelinedModel). The trainer drives
+    the model into this rank's stages with their share of the TP(+SP) plan, then recompute /
+    compile per block; data parallel is a gradient all-reduce after the schedule (see PipelinedModel). The trainer drives
     ``Parallelized.pipeline`` (its LM loss on batch["text"]) instead of its forward_step."""
     p, t = cfg.parallel, cfg.training
     unsupported = [flag for flag, on in (
-        ("--tensor-model-parallel-size > 1", p.tensor_model_parallel_size > 1),
-        ("--sequence-parallel", p.sequence_parallel),
         ("--data-parallel-type fsdp / --use-distributed-optimizer", p.data_parallel_type != "ddp"),
         # The gate values live on several stages; their mean is not gathered to the loss.
         ("--retro-budget-loss-coeff", getattr(cfg.extra.get("retro"), "budget_loss_coeff", 0.0)),
@@ -392,10 +405,11 @@ def pipeline_parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv) -> Para
     schedule, virtual, split = pipeline_layout(p, cfg.model.num_layers)
     pipe = PipelinedModel(model, mesh, num_microbatches=resolve_batch_sizes(cfg, dp_size), schedule=schedule,
                           virtual_stages=virtual, split=split,
-                          first_stage_layers=p.decoder_first_pipeline_num_layers, seq_length=cfg.model.seq_length)
+                          first_stage_layers=p.decoder_first_pipeline_num_layers, seq_length=cfg.model.seq_length,
+                          sequence_parallel=p.sequence_parallel)
     if t.recompute_granularity is not None:
         apply_activation_checkpointing(pipe.model, t.recompute_granularity)
     if t.use_torch_compile:
-        compile_blocks(pipe.model)
+        compile_blocks(pipe.model, copy_view_inputs=p.tensor_model_parallel_size > 1)
     return Parallelized(pipe.model, dp_rank=dp_rank, dp_size=dp_size,
                         dp_group=mesh["dp"].get_group() if dp_size > 1 else None, pipeline=pipe)

@@ -1,7 +1,10 @@
 """Pipeline parallelism trains exactly like one process: after 3 AdamW steps of 4 micro-batches,
 the losses, gradient norms, a sample of gradients (the retrieval encoder's included: its output
 crosses stages and its gradient comes back) and a sample of parameters of pp2 (1F1B, GPipe,
-interleaved with 2 virtual stages per rank) and pp2 x dp2 equal the single-process run's.
+interleaved with 2 virtual stages per rank), pp2 x dp2 and pp2 x tp2 (plain, with sequence
+parallel, interleaved) equal the single-process run's. Through the trainer (pretrain with
+parallelize_fn): pp2, interleaved, pp2 x dp2 match one process, and DCP checkpoints move
+between pp2 x tp2 + sp and one process both ways (pp2 <- one process).
 
 RETRO (4 layers, retro layers 2 and 3, the encoder in layer 2) is cut three ways:
 - [2, 2]: the encoder in the last layer of stage 0, retro layer 3 the first layer of stage 1, so
@@ -21,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 import trainer_worker
 from launcher import launch
 
@@ -66,6 +70,10 @@ def make_batch(kind: str, step: int) -> dict:
     return batch
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def sample(t: torch.Tensor) -> list[float]:
     return t.detach().float().flatten()[:48].tolist()
 
@@ -101,12 +109,13 @@ def run_pipelined(spec: dict) -> dict:
     from megatron.parallel.pipeline import PipelinedModel
 
     kind = spec["kind"]
-    cfg = ParallelConfig(pipeline_model_parallel_size=spec.get("pp", 2))
+    cfg = ParallelConfig(pipeline_model_parallel_size=spec.get("pp", 2), tensor_model_parallel_size=spec.get("tp", 1),
+                         sequence_parallel=spec.get("sp", False))
     mesh = build_device_mesh(cfg, "cpu")
     dp_rank, dp_size = data_parallel_rank_and_size(mesh)
     pipe = PipelinedModel(build_model(kind), mesh, num_microbatches=MICRO // dp_size,
                           schedule=spec.get("schedule", "1F1B"), virtual_stages=spec.get("virtual", 1),
-                          split=spec.get("split"))
+                          split=spec.get("split"), sequence_parallel=cfg.sequence_parallel)
     opt = torch.optim.AdamW(pipe.model.parameters(), lr=1e-2, weight_decay=0.1)
     losses, norms = [], []
     for step in range(STEPS):
@@ -119,10 +128,10 @@ def run_pipelined(spec: dict) -> dict:
         norms.append(pipe.clip_grad_norm_(1.0))
         losses.append(loss.item())
         params = dict(pipe.model.named_parameters())
-        grads = {n: sample(params[n].grad) for n in SAMPLED[kind] if n in params}
+        grads = {n: sample(full(params[n].grad)) for n in SAMPLED[kind] if n in params}
         opt.step()
     params = dict(pipe.model.named_parameters())
-    mine = {"grads": grads, "params": {n: sample(params[n]) for n in SAMPLED[kind] if n in params}}
+    mine = {"grads": grads, "params": {n: sample(full(params[n])) for n in SAMPLED[kind] if n in params}}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     merged = {"losses": losses, "grad_norms": norms, "split": pipe.split, "grads": {}, "params": {}}
@@ -178,7 +187,8 @@ TWO_PROC = {
               "pp2_balanced": {},
               "pp2_interleaved": {"schedule": "interleaved-1F1B", "virtual": 2}},
 }
-FOUR_PROC = {"pp2_dp2": {}}
+FOUR_PROC = {"pp2_dp2": {}, "pp2_tp2": {"tp": 2}, "pp2_tp2_sp": {"tp": 2, "sp": True, "split": [2, 2]},
+             "pp2_tp2_interleaved": {"tp": 2, "schedule": "interleaved-1F1B", "virtual": 2}}
 
 
 def launched(tmp_path: Path, specs: list[dict], world_size: int, timeout: float) -> dict:
@@ -266,14 +276,29 @@ def test_trainer_pipelined_matches_one_process(tmp_path, trainer_single, flags, 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_trainer_checkpoint_from_pp2_resumes_on_one_process(tmp_path, trainer_single):
-    """DCP resharding: each pipeline rank saves its layers (and its copy of the tied embedding)
-    under the full model's names; one process loads them all."""
+def test_trainer_checkpoint_from_pp2_tp2_resumes_on_one_process(tmp_path, trainer_single):
+    """DCP resharding: each pipeline rank saves its layers (and its copy of the tied embedding,
+    vocabulary-sharded over tp) under the full model's names; one process loads them all."""
     ckpt = str(tmp_path / "ckpt")
-    uninterrupted = trainer_run(tmp_path, {"parallel": {"pipeline_model_parallel_size": 2}, "save": ckpt,
-                                           "save_interval": 3}, 2)
+    uninterrupted = trainer_run(tmp_path, {"parallel": {"pipeline_model_parallel_size": 2,
+                                                        "tensor_model_parallel_size": 2, "sequence_parallel": True},
+                                           "save": ckpt, "save_interval": 3}, 4)
     assert len(uninterrupted["losses"]) == 5
+    torch.testing.assert_close(torch.tensor(uninterrupted["losses"]), torch.tensor(trainer_single["losses"]),
+                               rtol=RTOL, atol=ATOL)
     resumed = run_trainer({"load": ckpt, "ckpt_step": 3})
     assert resumed["consumed"] == 20 and len(resumed["losses"]) == 2
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(uninterrupted["losses"][3:]),
+                               rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_trainer_checkpoint_from_one_process_resumes_under_pp2(tmp_path, trainer_single):
+    ckpt = str(tmp_path / "ckpt")
+    run_trainer({"save": ckpt, "save_interval": 3})
+    resumed = trainer_run(tmp_path, {"parallel": {"pipeline_model_parallel_size": 2}, "load": ckpt,
+                                     "ckpt_step": 3}, 2)
+    assert resumed["consumed"] == 20 and len(resumed["losses"]) == 2
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(trainer_single["losses"][3:]),
                                rtol=RTOL, atol=ATOL)
