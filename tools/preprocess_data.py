@@ -12,7 +12,6 @@ renamed into place once every line has been tokenized.
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import threading
@@ -23,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype
+from megatron.data.jsonl import texts_of_line
 from megatron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 
 # Lines per task sent to a worker: large enough to amortise inter-process overhead.
@@ -40,19 +40,8 @@ class Encoder:
 
     def encode(self, line: bytes) -> list[np.ndarray]:
         """Token arrays, one per json key; ValueError describing the problem for a bad line."""
-        try:
-            document = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"not a JSON object: {e}") from e
-        if not isinstance(document, dict):
-            raise ValueError(f"expected a JSON object, got {type(document).__name__}")
         arrays = []
-        for key in self.json_keys:
-            if key not in document:
-                raise ValueError(f"missing key {key!r}")
-            text = document[key]
-            if not isinstance(text, str):
-                raise ValueError(f"key {key!r} is not a string")
+        for text in texts_of_line(line, self.json_keys):
             ids = self.tokenizer.tokenize(text)
             if self.append_eod:
                 ids.append(self.tokenizer.eod)

@@ -8,13 +8,13 @@ same file byte for byte.
 """
 
 import argparse
-import json
 import os
 import sys
 import uuid
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from megatron.data.jsonl import texts_of_line
 from megatron.data.tokenizers import EOD_TOKEN
 
 # 256 byte symbols plus the end-of-document token.
@@ -27,17 +27,10 @@ def iter_texts(path: str, json_keys: list[str]):
     with open(path, "rb") as f:
         for line_number, line in enumerate(f, start=1):
             try:
-                document = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}:{line_number}: not a JSON object: {e}") from e
-            if not isinstance(document, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(document).__name__}")
-            for key in json_keys:
-                if key not in document:
-                    raise ValueError(f"{path}:{line_number}: missing key {key!r}")
-                if not isinstance(document[key], str):
-                    raise ValueError(f"{path}:{line_number}: key {key!r} is not a string")
-                yield document[key]
+                texts = texts_of_line(line, json_keys)
+            except ValueError as e:
+                raise ValueError(f"{path}:{line_number}: {e}") from e
+            yield from texts
 
 
 def build_untrained_tokenizer() -> Tokenizer:
