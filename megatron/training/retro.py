@@ -146,9 +146,10 @@ def post_init(model: torch.nn.Module, cfg: Config):
     fit_from = cfg.extra["retro"].fit_from
     if fit_from:
         frozen = load_gpt_into_retro(fit_from, model, dataclasses.asdict(cfg.model))
-        print(f" > RETRO-fitting: loaded and froze {frozen} GPT tensors from {fit_from}; training "
-              f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} encoder, CCA and gate "
-              f"parameters", flush=True)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f" > RETRO-fitting: loaded and froze {frozen} GPT tensors from {fit_from}; training "
+                  f"{trainable} encoder, CCA and gate parameters", flush=True)
 
 
 def load_gpt_into_retro(root: str, model: torch.nn.Module, model_config: dict) -> int:
