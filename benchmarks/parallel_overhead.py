@@ -7,8 +7,9 @@ Run: python benchmarks/parallel_overhead.py [--model gpt|retro] [--layers 4] [--
 
 Every layout runs in its own torchrun-style process group (gloo on CPU), fp32. The cores of the
 machine are split evenly between the ranks (OMP_NUM_THREADS = cores / ranks), so "1 process"
-and "2 processes" use the same hardware; on a 2-core CPU the ratio shows pure overhead, not
-speed-up. Not a test: the numbers depend on the machine and on what else runs on it.
+and "2 processes" use the same hardware; "1 proc/1 thread" is one process on one core. Ratios
+are against the first layout run. Not a test: the numbers depend on the machine and on what
+else runs on it.
 
 Bytes "sent per rank" use the ring model of each collective over a group of n ranks and a
 full tensor of N bytes: all-reduce 2(n-1)/n N, all-gather and reduce-scatter (n-1)/n N.
@@ -27,6 +28,7 @@ loss-parallel softmax statistics, gradient-norm and logged-loss scalars.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {
     "1 process": dict(nproc=1, parallel={}),
+    # The same process on one core: intra-op threads that wait on each other suffer most when
+    # other work shares the machine, so this row tells thread trouble from parallel overhead.
+    "1 proc/1 thread": dict(nproc=1, parallel={}, threads=1),
     "tp2": dict(nproc=2, parallel=dict(tensor_model_parallel_size=2)),
     "tp2+sp": dict(nproc=2, parallel=dict(tensor_model_parallel_size=2, sequence_parallel=True)),
     "fsdp2": dict(nproc=2, parallel=dict(data_parallel_type="fsdp")),
@@ -198,7 +203,8 @@ def run_layout(name: str, layout: dict, base: dict, tmp: Path) -> dict:
     spec_path, out_path = tmp / f"{name}.json", tmp / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
     cores = os.cpu_count() or 1
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // layout["nproc"])),
+    threads = layout.get("threads", max(1, cores // layout["nproc"]))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     if layout["nproc"] == 1:
         cmd = [sys.executable, __file__, "--worker", str(spec_path), str(out_path)]
@@ -236,23 +242,23 @@ def main():
     print(f"{args.model}: {args.layers} layers, hidden {args.hidden}, seq {args.seq}, vocab {args.vocab}, "
           f"global batch {args.global_batch}, {params[1] / 1e6:.2f} M parameters; fp32 on "
           f"{os.cpu_count()} CPU cores, torch {torch.__version__}")
-    print(f"{'layout':<10} {'s/step':>8} {'vs 1 proc':>9} {'sent MB/rank':>13} {'formula MB':>11} "
+    print(f"{'layout':<16} {'s/step':>8} {'vs first':>9} {'sent MB/rank':>13} {'formula MB':>11} "
           f"{'other MB':>9}  collectives per step")
     single = None
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.layouts:
             layout = LAYOUTS[name]
-            result = run_layout(name.replace(" ", "_").replace("+", "_"), layout, base, Path(tmp))
-            single = result["seconds"] if name == "1 process" else single
+            result = run_layout(re.sub(r"\W", "_", name), layout, base, Path(tmp))
+            single = single or result["seconds"]
             sent = sum(result["sent"].values())
             formula = formula_bytes(layout, cfg, args.global_batch // (
                 layout["nproc"] if "data_parallel_type" in layout["parallel"] else 1), params) \
                 if args.model == "gpt" else None
-            ratio = f"{result['seconds'] / single:.2f}x" if single else "-"
+            ratio = f"{result['seconds'] / single:.2f}x"
             formula_txt = f"{formula / 1e6:11.2f}" if formula is not None else f"{'-':>11}"
             other = f"{(sent - formula) / 1e6:9.3f}" if formula is not None else f"{'-':>9}"
             calls = ", ".join(f"{k} {v}" for k, v in sorted(result["calls"].items())) or "none"
-            print(f"{name:<10} {result['seconds']:8.3f} {ratio:>9} {sent / 1e6:13.2f} {formula_txt} {other}  {calls}",
+            print(f"{name:<16} {result['seconds']:8.3f} {ratio:>9} {sent / 1e6:13.2f} {formula_txt} {other}  {calls}",
                   flush=True)
 
 

@@ -78,9 +78,10 @@ def reference(tmp_path_factory, kind):
 @pytest.fixture(scope="module")
 def two_proc(tmp_path_factory, kind):
     specs = [{"name": name, "kind": kind, "steps": 5, **layout} for name, layout in TWO_PROC_LAYOUTS.items()]
-    specs.append({"name": "fsdp2_bf16", "kind": kind, "steps": 5, "bf16": True,
-                  "parallel": dict(data_parallel_type="fsdp")})
-    return run_launch(tmp_path_factory.mktemp(f"two_{kind}"), specs, 2, timeout=150)
+    if kind == "gpt":  # the policy is the model's business only through FSDP; bf16 is slow on CPU
+        specs.append({"name": "fsdp2_bf16", "kind": kind, "steps": 5, "bf16": True,
+                      "parallel": dict(data_parallel_type="fsdp")})
+    return run_launch(tmp_path_factory.mktemp(f"two_{kind}"), specs, 2, timeout=240)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def four_proc(tmp_path_factory, reference, kind):
     specs[0].update(save_at=SAVE_AT, save_dir=str(tmp / "ckpt"))
     specs.append({"name": "dp2_tp2_from_single", "kind": kind, "steps": 5, "save_at": SAVE_AT,
                   "load_dir": str(single_ckpt), **dp2_tp2})
-    return run_launch(tmp, specs, 4, timeout=180), tmp / "ckpt"
+    return run_launch(tmp, specs, 4, timeout=240), tmp / "ckpt"
 
 
 @pytest.mark.slow
@@ -102,6 +103,7 @@ def test_two_process_layout_matches_single_process(layout, two_proc, reference):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gpt"], indirect=True)
 def test_fsdp_bf16_policy_trains_close_to_fp32(two_proc, reference):
     got, want = two_proc["fsdp2_bf16"]["losses"], reference[0]["losses"]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-2, atol=0)
