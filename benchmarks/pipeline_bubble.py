@@ -8,15 +8,15 @@ so two "devices"). With a perfect pipeline pp2 takes t1 / p; the bubble is the p
 step spent idle: measured bubble = 1 - (t1 / p) / t_pp. Theory: (p - 1) / (m + p - 1) for 1F1B
 (and GPipe), (p - 1) / (V m + p - 1) for interleaved 1F1B with V stages per rank (each bubble
 slot is a 1/V-sized stage). Point-to-point sends and the schedule's bookkeeping add to the
-measured figure, so it sits above theory, most at small models; CPU timings on a shared machine
-are noisy (take the median of --steps).
+measured figure, so it sits above theory, most at small models. Each time is the fastest of
+--steps steps (other load on the machine only ever adds time); on a busy shared CPU the figures
+are still noise, so run it on an otherwise idle machine.
 """
 
 import argparse
 import json
 import os
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -71,7 +71,7 @@ def timed(step, steps: int) -> float:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def single_process_time(args, micro_batches: int) -> float:
@@ -140,7 +140,7 @@ def main(argv=None):
         pp_times = json.loads(Path(out).read_text())
 
     print(f"{args.kind}: {args.num_layers} layers, hidden {args.hidden_size}, seq {args.seq_length}, "
-          f"micro-batch {args.micro_batch_size}, p = {PP}, median of {args.steps} steps")
+          f"micro-batch {args.micro_batch_size}, p = {PP}, fastest of {args.steps} steps")
     print(f"{'schedule':<18}{'m':>4}{'t1 (s)':>10}{'t_pp (s)':>10}{'speed-up':>10}"
           f"{'bubble measured':>17}{'bubble theory':>15}")
     for m in args.micro_batches:

@@ -28,6 +28,10 @@ Each rank's model (``PipelinedModel.model``) is the full model with the layers a
 other ranks removed, so its parameter names are the full model's: DCP checkpoints written under
 any pipeline layout load under any other (each rank reads the names it has).
 
+Tensor (+sequence) parallel applies per stage (each rank's share of the TP plan; activations
+between stages stay plain tensors, under SP this rank's sequence shard). Data parallel is a
+gradient all-reduce after the schedule (DDP's semantics); FSDP with pipelining is not done yet.
+
 Loss scaling is one process's: each micro-batch's mean loss is divided by the number of
 micro-batches before backward (``scale_grads=False``: torch's own scaling would divide a
 parameter shared by two stages of one rank twice).
