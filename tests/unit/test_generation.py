@@ -267,3 +267,51 @@ def test_text_generation_tool_shows_neighbours_for_each_chunk(workspace, tmp_pat
     bad = subprocess.run(base + ["--prompt-file", str(tmp_path / "missing.txt")], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 1 and "missing.txt" in bad.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_overlap_buckets_partition_the_chunks_and_their_loss(workspace, tmp_path):
+    """evaluate.py --overlap-buckets on the same work dir (it lives here for the fixture): the
+    buckets hold every scored chunk once, and their chunk-weighted losses give back the mean
+    loss over the scored positions of a direct forward."""
+    from megatron.data.tokenizers import build_tokenizer
+    from megatron.training import retro
+    from megatron.training.checkpointing import TrainState, save_checkpoint
+    from megatron.training.config import Config, DataConfig, TrainingConfig
+    from megatron.training.retro import RetroTrainingConfig
+    from megatron.training.trainer import sample_counts
+    from tools.retro.evaluate import OVERLAP_BUCKETS, evaluate
+
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", str(workspace["tokenizer"]))
+    model = retro_for_workdir(128 * -(-tokenizer.vocab_size // 128))
+    cfg = Config(model=model.cfg,
+                 data=DataConfig(data_path=[str(workspace["ws"] / "data" / "stdlib_text_document")], split="75,25,0",
+                                 tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(workspace["tokenizer"])),
+                 training=TrainingConfig(micro_batch_size=2, global_batch_size=2, train_iters=4, eval_interval=4,
+                                         eval_iters=1))
+    cfg.extra["retro"] = RetroTrainingConfig(add_retriever=True, work_dir=str(workspace["work_dir"]),
+                                             model=dataclasses.replace(model.retro_cfg))
+    save_checkpoint(str(tmp_path / "ckpt"), TrainState(iteration=4), model, None, None, dataclasses.asdict(cfg))
+
+    results = evaluate(str(tmp_path / "ckpt"), str(workspace["work_dir"]), eval_samples=4, overlap_buckets=True)
+    buckets = results["overlap_buckets"]
+    assert list(buckets) == [name for name, _ in OVERLAP_BUCKETS] and results["overlap_ngram"] == 13
+    assert sum(b["chunks"] for b in buckets.values()) == results["num_samples"] * (SEQ // 64 - 1)
+    scored = sum(b["chunks"] for b in buckets.values())
+    on = sum(b["lm_loss_on"] * b["chunks"] for b in buckets.values() if b["chunks"]) / scored
+    off = sum(b["lm_loss_off"] * b["chunks"] for b in buckets.values() if b["chunks"]) / scored
+
+    # The same samples by hand: chunk 1's tokens are predicted at positions 63 .. 126.
+    cfg = retro.config_from_checkpoint(str(tmp_path / "ckpt" / "iter_0000004"), str(workspace["work_dir"]))
+    retro.prepare(cfg)
+    _, valid, _ = retro.datasets(cfg, sample_counts(cfg), retrieval="on", training=False)
+    items = [valid[i] for i in range(results["num_samples"])]
+    batch = {key: torch.from_numpy(np.stack([item[key] for item in items])) for key in ("text", "neighbor_tokens",
+                                                                                        "neighbor_mask")}
+    tokens, labels = batch["text"][:, :-1], batch["text"][:, 1:]
+    for mask, expected in ((batch["neighbor_mask"], on), (torch.zeros_like(batch["neighbor_mask"]), off)):
+        with torch.no_grad():
+            logits = model(tokens, batch["neighbor_tokens"], mask)
+        loss = torch.nn.functional.cross_entropy(logits[:, 63:127].flatten(0, 1), labels[:, 63:127].flatten())
+        assert float(loss) == pytest.approx(expected, rel=1e-4)
+    assert on != off  # the neighbours reach the scored positions
