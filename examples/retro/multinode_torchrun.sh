@@ -14,7 +14,9 @@ set -euo pipefail
 : "${SLURM_JOB_NODELIST:?run this under srun inside a SLURM allocation}"
 NNODES=${SLURM_NNODES:?SLURM_NNODES is not set}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
-MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+# sed, not head: head would exit after one line and, under pipefail, scontrol's SIGPIPE would
+# fail the script on a multi-node allocation.
+MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)}
 MASTER_PORT=${MASTER_PORT:-29500}
 
 # One intra-op thread per rank unless asked otherwise: GPU ranks need few, and N ranks each

@@ -12,7 +12,8 @@ import numpy as np
 from torch.distributed.run import get_args_parser
 
 from megatron.parallel.mesh import MeshShape, mesh_shape
-from megatron.training.arguments import _translate, build_parser, namespace_to_config
+from megatron.training.arguments import parse_args
+from megatron.training.retro import add_retro_args
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "examples" / "retro" / "pretrain_retro.sbatch"
@@ -59,12 +60,9 @@ def test_sbatch_renders_a_two_node_rendezvous_and_the_expected_mesh(tmp_path):
     assert launch.rdzv_id == "4242" and launch.max_restarts == 0
     assert launch.training_script == "pretrain_retro.py"
 
-    # The training flags, parsed by the trainer's own parser; only the retrieval flags (added by
-    # pretrain_retro.py's own argument group) are left over.
-    args, unknown = build_parser().parse_known_args(launch.training_script_args)
-    assert [a for a in unknown if a.startswith("--")] == ["--retro-add-retriever", "--retro-work-dir"]
-    _translate(args)
-    cfg = namespace_to_config(args)
+    # The training flags, parsed and validated as pretrain_retro.py parses them (its work-dir
+    # checks aside: the work dir does not exist here).
+    cfg = parse_args(launch.training_script_args, extra_args_provider=add_retro_args)
     world = int(launch.nnodes) * int(launch.nproc_per_node)
     shape = mesh_shape(cfg.parallel, world)
     assert shape == MeshShape(pp=1, dp_replicate=2, dp_shard=4, tp=2)
