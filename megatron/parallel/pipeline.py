@@ -32,6 +32,11 @@ Tensor (+sequence) parallel applies per stage (each rank's share of the TP plan;
 between stages stay plain tensors, under SP this rank's sequence shard). Data parallel is a
 gradient all-reduce after the schedule (DDP's semantics); FSDP with pipelining is not done yet.
 
+RETRO's budget loss (coefficient x the mean CCA gate over all retro layers) does not go through
+the pipeline: a gate value depends on its logit only, not on the data, so each rank adds the
+budget's gradient for its own gates after the schedule, and the gate mean is summed over stages
+for logging.
+
 Loss scaling is one process's: each micro-batch's mean loss is divided by the number of
 micro-batches before backward (``scale_grads=False``: torch's own scaling would divide a
 parameter shared by two stages of one rank twice).
@@ -54,10 +59,11 @@ from megatron.parallel.tensor_parallel import parallelize_tensor_parallel
 from megatron.training.config import Config, ParallelConfig
 from megatron.training.initialize import DistEnv
 from megatron.training.loss import lm_loss
-from megatron.training.trainer import Parallelized, resolve_batch_sizes
+from megatron.training.trainer import LM_LOSS, Parallelized, resolve_batch_sizes
 
 SCHEDULES = {"1F1B": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved-1F1B": ScheduleInterleaved1F1B}
 SHARED_EMBEDDING = "tok_embeddings.weight"
+GATE_MEAN, BUDGET_LOSS = "gate mean", "budget loss"  # the metric names megatron/training/retro.py logs
 
 
 # ----------------------------------------------------------------------------- where to cut
@@ -220,7 +226,7 @@ class PipelinedModel:
     def __init__(self, model: nn.Module, mesh: ParallelMesh, *, num_microbatches: int, schedule: str = "1F1B",
                  virtual_stages: int = 1, split: list[int] | None = None,
                  first_stage_layers: int | None = None, seq_length: int | None = None,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, budget_loss_coeff: float = 0.0):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown --pipeline-schedule {schedule!r} (expected one of {', '.join(SCHEDULES)})")
         interleaved = schedule == "interleaved-1F1B"
@@ -264,7 +270,14 @@ class PipelinedModel:
                 if dist.get_rank() in line:
                     self._embedding_group = group
 
+        self.budget_loss_coeff = budget_loss_coeff
+        self.num_gates = sum(1 for layer in model.layers.values()
+                             if isinstance(layer, RetroBlock) and layer.gate is not None)
+        if budget_loss_coeff and not self.num_gates:
+            raise ValueError("--retro-budget-loss-coeff needs --retro-attention-gate")
         self.model = prune_to_stages(model, stage_keys, local)
+        self._gates = [layer.gate for layer in self.model.layers.values()
+                       if isinstance(layer, RetroBlock) and layer.gate is not None]
         tp = mesh["tp"].size()
         if tp > 1:
             # The stage's share of the TP(+SP) plan; activations between stages stay plain tensors.
@@ -285,7 +298,7 @@ class PipelinedModel:
         self.has_last_stage = num_stages - 1 in local
         self.last_rank = dist.get_global_rank(self.pp_group, self.pp_size - 1)
 
-    def _run(self, batch: dict, train: bool) -> torch.Tensor:
+    def _run(self, batch: dict, train: bool) -> dict[str, torch.Tensor]:
         text = batch["text"]
         if text.shape[0] % self.num_microbatches:
             raise ValueError(f"batch of {text.shape[0]} samples does not split into "
@@ -300,17 +313,39 @@ class PipelinedModel:
         loss = (torch.stack([x.detach().float() for x in losses]).sum() if self.has_last_stage
                 else torch.zeros((), device=text.device))
         dist.broadcast(loss, self.last_rank, group=self.pp_group)
-        return loss
+        metrics = {LM_LOSS: loss}
+        if self.num_gates and "neighbor_tokens" in batch:
+            metrics.update(self._gate_metrics(train))
+        return metrics
 
-    def train_step(self, batch: dict) -> torch.Tensor:
+    def _gate_metrics(self, train: bool) -> dict[str, torch.Tensor]:
+        """Gate mean over every stage's gates; with a budget, its gradient into the local gates
+        (as one process accumulates coeff x gate mean / n over n micro-batches: coeff x gate mean)."""
+        device = next(self.model.parameters()).device
+        local = torch.zeros((), device=device)
+        for gate in self._gates:
+            value = torch.sigmoid(gate.logit).sum()
+            local = local + (value.to_local() if isinstance(value, DTensor) else value)
+        if train and self.budget_loss_coeff and self._gates:
+            (self.budget_loss_coeff * local / self.num_gates).backward()
+        mean = local.detach().float().clone()
+        dist.all_reduce(mean, group=self.pp_group)
+        mean /= self.num_gates
+        metrics = {GATE_MEAN: mean}
+        if self.budget_loss_coeff:
+            metrics[BUDGET_LOSS] = self.budget_loss_coeff * mean
+        return metrics
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Forward and backward of every micro-batch; gradients then summed over the embedding's
-        copies and averaged over data-parallel ranks. Returns the mean loss."""
-        loss = self._run(batch, train=True)
+        copies and averaged over data-parallel ranks. Returns the mean LM loss (and the gate mean
+        and budget loss of RETRO with gates), the same on every rank of the pipeline."""
+        metrics = self._run(batch, train=True)
         self._sync_grads()
-        return loss
+        return metrics
 
     @torch.no_grad()
-    def eval_step(self, batch: dict) -> torch.Tensor:
+    def eval_step(self, batch: dict) -> dict[str, torch.Tensor]:
         for m in self.stage_modules:
             m.eval()
         try:
@@ -396,8 +431,6 @@ def pipeline_parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv) -> Para
     p, t = cfg.parallel, cfg.training
     unsupported = [flag for flag, on in (
         ("--data-parallel-type fsdp / --use-distributed-optimizer", p.data_parallel_type != "ddp"),
-        # The gate values live on several stages; their mean is not gathered to the loss.
-        ("--retro-budget-loss-coeff", getattr(cfg.extra.get("retro"), "budget_loss_coeff", 0.0)),
     ) if on]
     if unsupported:
         raise ValueError(f"{', '.join(unsupported)}: not supported with --pipeline-model-parallel-size > 1 yet")
@@ -410,7 +443,8 @@ def pipeline_parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv) -> Para
     pipe = PipelinedModel(model, mesh, num_microbatches=resolve_batch_sizes(cfg, dp_size), schedule=schedule,
                           virtual_stages=virtual, split=split,
                           first_stage_layers=p.decoder_first_pipeline_num_layers, seq_length=cfg.model.seq_length,
-                          sequence_parallel=p.sequence_parallel)
+                          sequence_parallel=p.sequence_parallel,
+                          budget_loss_coeff=getattr(cfg.extra.get("retro"), "budget_loss_coeff", 0.0))
     if t.recompute_granularity is not None:
         apply_activation_checkpointing(pipe.model, t.recompute_granularity)
     if t.use_torch_compile:

@@ -53,7 +53,8 @@ class Parallelized:
     dp_size: int = 1
     dp_group: Any = None  # process group over which metrics are averaged; None when dp_size is 1
     # megatron.parallel.pipeline.PipelinedModel under --pipeline-model-parallel-size > 1: it runs
-    # the micro-batches through its schedule (LM loss on batch["text"]) instead of forward_step.
+    # the micro-batches through its schedule (LM loss on batch["text"], RETRO's gate budget)
+    # instead of forward_step.
     pipeline: Any = None
 
 
@@ -180,8 +181,7 @@ class _Trainer:
         pipe = self.par.pipeline
         if pipe is not None:
             with self.autocast():
-                loss = pipe.train_step(self._pipelined_batch(batches))
-            sums, count = {LM_LOSS: loss}, 1
+                sums, count = pipe.train_step(self._pipelined_batch(batches)), 1
             grad_norm = pipe.clip_grad_norm_(max_norm)
         else:
             for i in range(self.num_micro):
@@ -212,7 +212,7 @@ class _Trainer:
         for _ in range(eval_iters if pipe is not None else eval_iters * self.num_micro):
             with self.autocast():
                 if pipe is not None:  # forward-only schedule over the iteration's micro-batches
-                    metrics = {LM_LOSS: pipe.eval_step(self._pipelined_batch(batches))}
+                    metrics = pipe.eval_step(self._pipelined_batch(batches))
                 else:
                     _, metrics = self.forward_step(self.model, batches.next())
             _add_metrics(sums, metrics)

@@ -78,8 +78,9 @@ def sample(t: torch.Tensor) -> list[float]:
     return t.detach().float().flatten()[:48].tolist()
 
 
-def reference(kind: str) -> dict:
-    """One process: MICRO micro-batches accumulated with loss / MICRO, clip 1.0, AdamW."""
+def reference(kind: str, budget: float = 0.0) -> dict:
+    """One process: MICRO micro-batches accumulated with loss / MICRO, clip 1.0, AdamW; with a
+    budget, RETRO's loss + budget x mean gate, as megatron/training/retro.py's forward step."""
     model = build_model(kind)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses, norms = [], []
@@ -91,8 +92,10 @@ def reference(kind: str) -> dict:
             text = mb["text"]
             extra = (mb["neighbor_tokens"], mb["neighbor_mask"]) if kind == "retro" else ()
             loss = lm_loss(model(text[:, :-1], *extra), text[:, 1:]) / MICRO
-            loss.backward()
             total += loss.item()
+            if budget:
+                loss = loss + budget * model.gate_mean() / MICRO
+            loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
         losses.append(total)
         params = dict(model.named_parameters())
@@ -115,13 +118,14 @@ def run_pipelined(spec: dict) -> dict:
     dp_rank, dp_size = data_parallel_rank_and_size(mesh)
     pipe = PipelinedModel(build_model(kind), mesh, num_microbatches=MICRO // dp_size,
                           schedule=spec.get("schedule", "1F1B"), virtual_stages=spec.get("virtual", 1),
-                          split=spec.get("split"), sequence_parallel=cfg.sequence_parallel)
+                          split=spec.get("split"), sequence_parallel=cfg.sequence_parallel,
+                          budget_loss_coeff=spec.get("budget", 0.0))
     opt = torch.optim.AdamW(pipe.model.parameters(), lr=1e-2, weight_decay=0.1)
     losses, norms = [], []
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
         batch = {k: v.chunk(dp_size)[dp_rank] for k, v in make_batch(kind, step).items()}
-        loss = pipe.train_step(batch)
+        loss = pipe.train_step(batch)["lm loss"]
         if dp_size > 1:
             dist.all_reduce(loss, group=mesh["dp"].get_group())
             loss /= dp_size
@@ -185,7 +189,8 @@ TWO_PROC = {
     "retro": {"pp2_encoder_output_crosses": {"split": [2, 2]},
               "pp2_encoder_first_in_stage": {"split": [1, 3], "schedule": "gpipe"},
               "pp2_balanced": {},
-              "pp2_interleaved": {"schedule": "interleaved-1F1B", "virtual": 2}},
+              "pp2_interleaved": {"schedule": "interleaved-1F1B", "virtual": 2},
+              "pp2_budget_loss": {"split": [2, 2], "budget": 0.5}},
 }
 FOUR_PROC = {"pp2_dp2": {}, "pp2_tp2": {"tp": 2}, "pp2_tp2_sp": {"tp": 2, "sp": True, "split": [2, 2]},
              "pp2_tp2_interleaved": {"tp": 2, "schedule": "interleaved-1F1B", "virtual": 2}}
@@ -228,8 +233,9 @@ def two_proc(tmp_path_factory, kind):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_pipeline_two_process_layouts_match_one_process(two_proc, single, kind):
-    for name in TWO_PROC[kind]:
-        assert_same(two_proc[name], single, f"{kind} {name}")
+    for name, spec in TWO_PROC[kind].items():
+        want = reference(kind, spec["budget"]) if "budget" in spec else single
+        assert_same(two_proc[name], want, f"{kind} {name}")
 
 
 @pytest.mark.distributed
