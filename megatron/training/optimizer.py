@@ -23,7 +23,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             decay.append(param)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    # A pipeline stage whose parameters are all frozen (RETRO-fitting, a stage without retro
+    # layers) still needs an optimizer to step with the others: keep one empty group then.
+    return [g for g in groups if g["params"]] or groups[:1]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:

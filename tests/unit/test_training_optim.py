@@ -92,3 +92,11 @@ def test_weight_decay_is_decoupled_and_skips_exempt_parameters():
     assert torch.equal(after["norm.weight"], before["norm.weight"])
     assert opt.defaults["foreach"] and not opt.defaults["fused"]  # CPU: multi-tensor, not fused
     assert math.isclose(opt.param_groups[0]["betas"][1], 0.95)
+
+
+def test_a_model_with_every_parameter_frozen_still_gets_an_optimizer():
+    model = torch.nn.Linear(4, 4)
+    model.requires_grad_(False)
+    optimizer = build_optimizer(model, TrainingConfig())
+    optimizer.step()  # a pipeline stage with nothing to train steps with the others
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 0
