@@ -14,13 +14,13 @@ by megatron.parallel from outside the model.
 import sys
 
 from megatron.data.builder import build_gpt_datasets
-from megatron.data.tokenizers import build_tokenizer
 from megatron.models.gpt.model import GPTModel
 from megatron.parallel.parallelize import parallelize_fn
 from megatron.training.arguments import parse_args
-from megatron.training.config import Config, pad_vocab_size
+from megatron.training.config import Config
 from megatron.training.flops import gpt_flops_per_token
 from megatron.training.loss import lm_loss
+from megatron.training.tokenizer import build_run_tokenizer
 from megatron.training.trainer import LM_LOSS, pretrain
 
 
@@ -39,23 +39,11 @@ def datasets_provider(cfg: Config, num_samples: tuple[int, int, int]):
     return build_gpt_datasets(cfg.data, cfg.model.seq_length, num_samples, cfg.training.seed)
 
 
-def set_padded_vocab_size(cfg: Config) -> int:
-    """Megatron pads the tokenizer's vocabulary to a multiple of divisible-by x TP size."""
-    d = cfg.data
-    if d.tokenizer_type is None:
-        raise SystemExit("error: --tokenizer-type is required (HuggingFaceTokenizer or GPT2BPETokenizer)")
-    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_file=d.vocab_file,
-                                merge_file=d.merge_file)
-    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size
-    cfg.model.vocab_size = pad_vocab_size(tokenizer.vocab_size, multiple)
-    return tokenizer.vocab_size
-
-
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
     if not cfg.data.data_path:
         raise SystemExit("error: --data-path is required")
-    set_padded_vocab_size(cfg)
+    build_run_tokenizer(cfg)
     return pretrain(cfg, model_provider, forward_step, datasets_provider,
                     flops_per_token=gpt_flops_per_token(cfg.model), parallelize_fn=parallelize_fn)
 

@@ -18,16 +18,16 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from megatron.data.builder import build_gpt_datasets
 from megatron.data.retro_dataset import RetroDataset
-from megatron.data.tokenizers import build_tokenizer
 from megatron.models.gpt.model import GPTModel
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel, retro_flops_per_token
 from megatron.retro.chunk_db import ChunkDB
 from megatron.retro.workdir import WorkDir, check_workdir_matches, expected_for_training, load_workdir_config
 from megatron.training.checkpointing import _dcp_quiet, check_model_config, find_checkpoint, read_checkpoint_config
-from megatron.training.config import Config, pad_vocab_size
+from megatron.training.config import Config
 from megatron.training.flops import gpt_flops_per_token
 from megatron.training.loss import lm_loss
+from megatron.training.tokenizer import build_run_tokenizer
 from megatron.training.trainer import LM_LOSS, sample_counts
 
 BUDGET_LOSS = "budget loss"
@@ -96,12 +96,7 @@ def prepare(cfg: Config) -> dict:
     """Builds the tokenizer, pads the vocabulary, and checks the work dir against this run.
     Returns the work dir's config."""
     d, retro = cfg.data, cfg.extra["retro"]
-    if d.tokenizer_type is None:
-        raise SystemExit("error: --tokenizer-type is required (the work dir's tokenizer)")
-    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_file=d.vocab_file,
-                                merge_file=d.merge_file)
-    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size
-    cfg.model.vocab_size = pad_vocab_size(tokenizer.vocab_size, multiple)
+    tokenizer = build_run_tokenizer(cfg)
     wd_cfg = load_workdir_config(retro.work_dir)
     if not d.data_path:
         d.data_path = [str(x) for entry in wd_cfg["data_path"] for x in entry]
