@@ -29,8 +29,9 @@ other ranks removed, so its parameter names are the full model's: DCP checkpoint
 any pipeline layout load under any other (each rank reads the names it has).
 
 Tensor (+sequence) parallel applies per stage (each rank's share of the TP plan; activations
-between stages stay plain tensors, under SP this rank's sequence shard). Data parallel is a
-gradient all-reduce after the schedule (DDP's semantics); FSDP with pipelining is not done yet.
+between stages stay plain tensors, under SP this rank's sequence shard). Data parallel: FSDP2
+(``fully_shard`` per block and per stage; HSDP too), or with ddp a gradient all-reduce after
+the schedule (DDP's semantics without its wrapper, which does not know the pipeline's backward).
 
 RETRO's budget loss (coefficient x the mean CCA gate over all retro layers) does not go through
 the pipeline: a gate value depends on its logit only, not on the data, so each rank adds the
@@ -47,6 +48,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                           ScheduleInterleaved1F1B)
 from torch.distributed.tensor import DTensor
@@ -54,6 +56,7 @@ from torch.distributed.tensor import DTensor
 from megatron.models.retro.model import RetroBlock, RetroModel
 from megatron.parallel.activation_checkpoint import apply_activation_checkpointing
 from megatron.parallel.compile import compile_blocks
+from megatron.parallel.data_parallel import data_parallel_mesh
 from megatron.parallel.mesh import ParallelMesh, build_device_mesh, data_parallel_rank_and_size
 from megatron.parallel.tensor_parallel import parallelize_tensor_parallel
 from megatron.training.config import Config, ParallelConfig
@@ -226,7 +229,7 @@ class PipelinedModel:
     def __init__(self, model: nn.Module, mesh: ParallelMesh, *, num_microbatches: int, schedule: str = "1F1B",
                  virtual_stages: int = 1, split: list[int] | None = None,
                  first_stage_layers: int | None = None, seq_length: int | None = None,
-                 sequence_parallel: bool = False, budget_loss_coeff: float = 0.0):
+                 sequence_parallel: bool = False, budget_loss_coeff: float = 0.0, fsdp: bool = False):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown --pipeline-schedule {schedule!r} (expected one of {', '.join(SCHEDULES)})")
         interleaved = schedule == "interleaved-1F1B"
@@ -286,6 +289,19 @@ class PipelinedModel:
         shards = tp if sequence_parallel else 1
         self.stage_modules = [StageModule(self.model, stage_keys[s], s == 0, s == num_stages - 1, shards)
                               for s in local]
+        self.fsdp = fsdp and self.dp_group is not None
+        if self.fsdp:
+            # Each block, then each stage as an FSDP root (its embedding, norm, head); the stage
+            # drives FSDP's gradient sync and post-backward itself (PipelineStage knows FSDPModule).
+            if len(local) > 1 and SHARED_EMBEDDING in dict(self.model.named_parameters()) and sum(
+                    m.tok_embeddings is not None for m in self.stage_modules) > 1:
+                raise ValueError("FSDP with interleaved stages that share the token embedding on one rank "
+                                 "is not supported; use --data-parallel-type ddp")
+            dp_mesh = data_parallel_mesh(mesh)
+            for block in self.model.layers.values():
+                fully_shard(block, mesh=dp_mesh)
+            for m in self.stage_modules:
+                fully_shard(m, mesh=dp_mesh)
         stages = [PipelineStage(m, s, num_stages, device, group=self.pp_group)
                   for m, s in zip(self.stage_modules, local)]
         n = num_microbatches
@@ -369,7 +385,7 @@ class PipelinedModel:
                 # partial) than the head's; the copies' local tensors must be the same shard.
                 emb.grad = emb.grad.redistribute(emb.device_mesh, emb.placements)
             dist.all_reduce(self._local_grad(emb), group=self._embedding_group)
-        if self.dp_group is not None:
+        if self.dp_group is not None and not self.fsdp:
             # DDP's semantics without its wrapper (which does not know the pipeline's backward):
             # every rank's loss is a mean over its slice, so the average is the global batch's gradient.
             for p in self.model.parameters():
@@ -426,14 +442,9 @@ def pipeline_layout(parallel: ParallelConfig, num_layers: int) -> tuple[str, int
 def pipeline_parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv) -> Parallelized:
     """megatron.parallel.parallelize.parallelize_fn under --pipeline-model-parallel-size > 1: cut
     the model into this rank's stages with their share of the TP(+SP) plan, then recompute /
-    compile per block; data parallel is a gradient all-reduce after the schedule (see PipelinedModel). The trainer drives
+    compile per block, then FSDP2 or DDP-style data parallel (see PipelinedModel). The trainer drives
     ``Parallelized.pipeline`` (its LM loss on batch["text"]) instead of its forward_step."""
     p, t = cfg.parallel, cfg.training
-    unsupported = [flag for flag, on in (
-        ("--data-parallel-type fsdp / --use-distributed-optimizer", p.data_parallel_type != "ddp"),
-    ) if on]
-    if unsupported:
-        raise ValueError(f"{', '.join(unsupported)}: not supported with --pipeline-model-parallel-size > 1 yet")
     if not env.is_distributed:
         raise ValueError(f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size} needs that many "
                          "processes at least (launch with torchrun)")
@@ -444,7 +455,8 @@ def pipeline_parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv) -> Para
                           virtual_stages=virtual, split=split,
                           first_stage_layers=p.decoder_first_pipeline_num_layers, seq_length=cfg.model.seq_length,
                           sequence_parallel=p.sequence_parallel,
-                          budget_loss_coeff=getattr(cfg.extra.get("retro"), "budget_loss_coeff", 0.0))
+                          budget_loss_coeff=getattr(cfg.extra.get("retro"), "budget_loss_coeff", 0.0),
+                          fsdp=p.data_parallel_type == "fsdp")
     if t.recompute_granularity is not None:
         apply_activation_checkpointing(pipe.model, t.recompute_granularity)
     if t.use_torch_compile:

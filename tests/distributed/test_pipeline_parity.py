@@ -1,9 +1,10 @@
 """Pipeline parallelism trains exactly like one process: after 3 AdamW steps of 4 micro-batches,
 the losses, gradient norms, a sample of gradients (the retrieval encoder's included: its output
 crosses stages and its gradient comes back) and a sample of parameters of pp2 (1F1B, GPipe,
-interleaved with 2 virtual stages per rank), pp2 x dp2 and pp2 x tp2 (plain, with sequence
-parallel, interleaved) equal the single-process run's. Through the trainer (pretrain with
-parallelize_fn): pp2, interleaved, pp2 x dp2 match one process, and DCP checkpoints move
+interleaved with 2 virtual stages per rank), pp2 x dp2 (DDP-style and FSDP2) and pp2 x tp2
+(plain, with sequence parallel, interleaved) equal the single-process run's; so does RETRO's
+gate budget loss under pp2. Through the trainer (pretrain with parallelize_fn): pp2,
+interleaved, pp2 x fsdp2 match one process, and DCP checkpoints move
 between pp2 x tp2 + sp and one process both ways (pp2 <- one process).
 
 RETRO (4 layers, retro layers 2 and 3, the encoder in layer 2) is cut three ways:
@@ -113,13 +114,13 @@ def run_pipelined(spec: dict) -> dict:
 
     kind = spec["kind"]
     cfg = ParallelConfig(pipeline_model_parallel_size=spec.get("pp", 2), tensor_model_parallel_size=spec.get("tp", 1),
-                         sequence_parallel=spec.get("sp", False))
+                         sequence_parallel=spec.get("sp", False), data_parallel_type=spec.get("dp_type", "ddp"))
     mesh = build_device_mesh(cfg, "cpu")
     dp_rank, dp_size = data_parallel_rank_and_size(mesh)
     pipe = PipelinedModel(build_model(kind), mesh, num_microbatches=MICRO // dp_size,
                           schedule=spec.get("schedule", "1F1B"), virtual_stages=spec.get("virtual", 1),
                           split=spec.get("split"), sequence_parallel=cfg.sequence_parallel,
-                          budget_loss_coeff=spec.get("budget", 0.0))
+                          budget_loss_coeff=spec.get("budget", 0.0), fsdp=cfg.data_parallel_type == "fsdp")
     opt = torch.optim.AdamW(pipe.model.parameters(), lr=1e-2, weight_decay=0.1)
     losses, norms = [], []
     for step in range(STEPS):
@@ -138,7 +139,8 @@ def run_pipelined(spec: dict) -> dict:
     mine = {"grads": grads, "params": {n: sample(full(params[n])) for n in SAMPLED[kind] if n in params}}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
-    merged = {"losses": losses, "grad_norms": norms, "split": pipe.split, "grads": {}, "params": {}}
+    merged = {"losses": losses, "grad_norms": norms, "split": pipe.split, "grads": {}, "params": {},
+              "sharded": any(isinstance(p, DTensor) for p in pipe.model.parameters())}
     for part in gathered:
         for key in ("grads", "params"):
             merged[key].update(part[key])
@@ -192,7 +194,7 @@ TWO_PROC = {
               "pp2_interleaved": {"schedule": "interleaved-1F1B", "virtual": 2},
               "pp2_budget_loss": {"split": [2, 2], "budget": 0.5}},
 }
-FOUR_PROC = {"pp2_dp2": {}, "pp2_tp2": {"tp": 2}, "pp2_tp2_sp": {"tp": 2, "sp": True, "split": [2, 2]},
+FOUR_PROC = {"pp2_dp2": {}, "pp2_fsdp2": {"dp_type": "fsdp"}, "pp2_tp2": {"tp": 2}, "pp2_tp2_sp": {"tp": 2, "sp": True, "split": [2, 2]},
              "pp2_tp2_interleaved": {"tp": 2, "schedule": "interleaved-1F1B", "virtual": 2}}
 
 
@@ -245,6 +247,7 @@ def test_pipeline_times_data_parallel_matches_one_process(tmp_path, single, kind
     got = launched(tmp_path, specs, 4, timeout=240)
     for name in FOUR_PROC:
         assert_same(got[name], single, f"{kind} {name}")
+    assert got["pp2_fsdp2"]["sharded"] and not got["pp2_dp2"]["sharded"]
 
 
 if __name__ == "__main__":
@@ -272,8 +275,8 @@ def trainer_single():
 @pytest.mark.parametrize("flags,world_size", [
     ({"pipeline_model_parallel_size": 2}, 2),
     ({"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1}, 2),
-    ({"pipeline_model_parallel_size": 2, "pipeline_schedule": "gpipe"}, 4),  # pp2 x dp2
-], ids=["pp2_1f1b", "pp2_interleaved", "pp2_dp2_gpipe"])
+    ({"pipeline_model_parallel_size": 2, "pipeline_schedule": "gpipe", "data_parallel_type": "fsdp"}, 4),
+], ids=["pp2_1f1b", "pp2_interleaved", "pp2_fsdp2_gpipe"])
 def test_trainer_pipelined_matches_one_process(tmp_path, trainer_single, flags, world_size):
     got = trainer_run(tmp_path, {"parallel": flags}, world_size)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(trainer_single["losses"]),
