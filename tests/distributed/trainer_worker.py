@@ -53,7 +53,7 @@ def config(spec: dict) -> Config:
         training=TrainingConfig(micro_batch_size=1, global_batch_size=4, train_iters=spec.get("train_iters", 5),
                                 lr=1e-2, lr_decay_style="constant", eval_iters=0, seed=7,
                                 recompute_granularity=spec.get("recompute")),
-        logging=LoggingConfig(log_interval=100, peak_tflops=1.0),
+        logging=LoggingConfig(log_interval=1, peak_tflops=1.0),
         checkpoint=CheckpointConfig(save=spec.get("save"), load=spec.get("load"),
                                     save_interval=spec.get("save_interval"), ckpt_step=spec.get("ckpt_step")),
         parallel=ParallelConfig(**spec.get("parallel", {})),
