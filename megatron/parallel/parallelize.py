@@ -12,7 +12,7 @@ from megatron.parallel.activation_checkpoint import apply_activation_checkpointi
 from megatron.parallel.compile import compile_blocks
 from megatron.parallel.data_parallel import apply_data_parallel
 from megatron.parallel.mesh import ParallelMesh, build_device_mesh, data_parallel_rank_and_size, mesh_shape
-from megatron.parallel.tensor_parallel import parallelize_tensor_parallel
+from megatron.parallel.tensor_parallel import loss_parallel_context, parallelize_tensor_parallel
 from megatron.training.config import Config, ParallelConfig
 from megatron.training.initialize import DistEnv
 from megatron.training.trainer import Parallelized
@@ -49,13 +49,15 @@ def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: Para
     return model
 
 
-def parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv, *, loss_parallel: bool = False) -> Parallelized:
+def parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv, *, loss_parallel: bool = True) -> Parallelized:
     """The trainer's hook (``pretrain(..., parallelize_fn=parallelize_fn)``): build the mesh from
     the flags and apply everything ``cfg`` asks for.
 
-    ``loss_parallel=True`` keeps the logits vocabulary-sharded (no [b, s, V] gather); it needs
-    the trainer to run forward_step and backward inside ``loss_parallel_context(model)`` and the
-    loss to accept DTensor logits. Off, the head gathers the logits and any loss works.
+    With tensor parallelism and ``loss_parallel`` (the default) the logits stay sharded on the
+    vocabulary (no [b, s, V] gather): the returned ``loss_context`` makes the trainer run
+    forward_step and backward under ``loss_parallel()``, and forward_step's loss must accept
+    DTensor logits (``megatron.training.loss.lm_loss`` does). ``loss_parallel=False`` gathers the
+    logits for a loss that does not.
     """
     if cfg.parallel.pipeline_model_parallel_size > 1:  # hook for megatron/parallel/pipeline.py
         from megatron.parallel.pipeline import pipeline_parallelize_fn  # lazy: pipeline imports this package
@@ -70,4 +72,5 @@ def parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv, *, loss_parallel
                       compile=t.use_torch_compile, loss_parallel=loss_parallel)
     dp_rank, dp_size = data_parallel_rank_and_size(mesh)
     return Parallelized(model, dp_rank=dp_rank, dp_size=dp_size,
-                        dp_group=mesh["dp"].get_group() if dp_size > 1 else None)
+                        dp_group=mesh["dp"].get_group() if dp_size > 1 else None,
+                        loss_context=lambda: loss_parallel_context(model))

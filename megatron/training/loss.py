@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -9,12 +10,19 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
 
     logits [b, s, V] (any float dtype; upcast so bf16 logits do not lose the softmax's precision),
     labels int64 [b, s], loss_mask [b, s] (1 = counts, 0 = ignored) or None for every token.
+    Under tensor parallelism the logits may be a DTensor sharded on the vocabulary: call this
+    (and the backward) inside ``torch.distributed.tensor.parallel.loss_parallel()``, which
+    computes the softmax across the shards without gathering [b, s, V].
     """
     flat_logits = logits.float().flatten(0, 1)
     flat_labels = labels.flatten()
-    if loss_mask is None:
+    if loss_mask is None and not isinstance(logits, DTensor):
         return F.cross_entropy(flat_logits, flat_labels)
     losses = F.cross_entropy(flat_logits, flat_labels, reduction="none")
+    if isinstance(losses, DTensor):  # per-token losses come back replicated over the TP ranks
+        losses = losses.to_local()
+    if loss_mask is None:
+        return losses.mean()
     mask = loss_mask.flatten().to(losses.dtype)
     # clamp: an all-masked micro-batch contributes 0 instead of NaN
     return (losses * mask).sum() / mask.sum().clamp(min=1.0)

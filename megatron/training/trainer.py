@@ -56,6 +56,9 @@ class Parallelized:
     # the micro-batches through its schedule (LM loss on batch["text"], RETRO's gate budget)
     # instead of forward_step.
     pipeline: Any = None
+    # The context forward_step and its backward run in: loss_parallel() when the model returns
+    # vocabulary-sharded logits under tensor parallelism.
+    loss_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 def data_parallel(model: nn.Module, cfg: Config, env: DistEnv) -> Parallelized:
@@ -186,7 +189,7 @@ class _Trainer:
         else:
             for i in range(self.num_micro):
                 batch = batches.next()
-                with _grad_sync(self.model, i == self.num_micro - 1):
+                with _grad_sync(self.model, i == self.num_micro - 1), self.par.loss_context():
                     with self.autocast():
                         loss, metrics = self.forward_step(self.model, batch)
                     (loss / self.num_micro).backward()
@@ -214,7 +217,8 @@ class _Trainer:
                 if pipe is not None:  # forward-only schedule over the iteration's micro-batches
                     metrics = pipe.eval_step(self._pipelined_batch(batches))
                 else:
-                    _, metrics = self.forward_step(self.model, batches.next())
+                    with self.par.loss_context():
+                        _, metrics = self.forward_step(self.model, batches.next())
             _add_metrics(sums, metrics)
         self.model.train()
         return _average(sums, eval_iters if pipe is not None else eval_iters * self.num_micro, self.par)

@@ -35,6 +35,10 @@ def single():
 def test_trainer_tp2_sp_matches_one_process(tmp_path, single):
     got = launched(tmp_path, {"parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": True}}, 2)
     assert_losses(got["losses"], single["losses"])
+    assert_losses([got["validation_loss"]], [single["validation_loss"]])
+    # The loss ran on vocabulary-sharded logits (loss_parallel), in training and in validation.
+    assert single["logit_types"] == ["Tensor"]
+    assert got["logit_types"] == ["DTensor[Shard(dim=2)]"]
 
 
 def test_trainer_checkpoint_from_dp2_tp2_resumes_on_one_process(tmp_path, single):

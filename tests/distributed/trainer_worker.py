@@ -5,7 +5,9 @@ gradient accumulation and DCP checkpoints.
 Run as ``python tests/distributed/trainer_worker.py SPEC.json OUT.json`` (by launcher.py, or
 with no distributed environment for the single-process run). SPEC:
     {"parallel": ParallelConfig kwargs, "recompute", "train_iters", "save", "load", "save_interval", "ckpt_step"}
-OUT (written by rank 0): {"losses": [lm loss of every iteration], "consumed": samples}
+OUT (written by rank 0): {"losses": [lm loss of every iteration], "validation_loss", "consumed": samples,
+"logit_types": the types of logits forward_step saw (DTensor under tensor parallelism: the
+vocabulary-sharded logits were never gathered)}
 """
 
 import json
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from megatron.models.gpt.model import GPTModel
 from megatron.parallel.parallelize import parallelize_fn
@@ -39,9 +42,14 @@ class SyntheticTokens:
         return {"text": np.random.default_rng(i).integers(0, VOCAB, SEQ + 1, dtype=np.int64)}
 
 
+LOGIT_TYPES = set()
+
+
 def forward_step(model, batch):
     text = batch["text"]
-    loss = lm_loss(model(text[:, :-1]), text[:, 1:])
+    logits = model(text[:, :-1])
+    LOGIT_TYPES.add(f"{type(logits).__name__}{list(logits.placements) if isinstance(logits, DTensor) else ''}")
+    loss = lm_loss(logits, text[:, 1:])
     return loss, {LM_LOSS: loss.detach()}
 
 
@@ -51,7 +59,7 @@ def config(spec: dict) -> Config:
                           ffn_hidden_size=64, seq_length=SEQ),
         # micro batch 1 with global batch 4: gradient accumulation over 4 / dp micro-batches.
         training=TrainingConfig(micro_batch_size=1, global_batch_size=4, train_iters=spec.get("train_iters", 5),
-                                lr=1e-2, lr_decay_style="constant", eval_iters=0, seed=7,
+                                lr=1e-2, lr_decay_style="constant", eval_iters=1, eval_interval=1000, seed=7,
                                 recompute_granularity=spec.get("recompute")),
         logging=LoggingConfig(log_interval=1, peak_tflops=1.0),
         checkpoint=CheckpointConfig(save=spec.get("save"), load=spec.get("load"),
@@ -63,10 +71,11 @@ def config(spec: dict) -> Config:
 def run(spec: dict) -> dict:
     cfg = config(spec)
     summary = pretrain(cfg, lambda c: GPTModel(c.model), forward_step,
-                       lambda c, counts: (SyntheticTokens(counts[0]), None, None),
+                       lambda c, counts: (SyntheticTokens(counts[0]), SyntheticTokens(counts[1]), None),
                        parallelize_fn=parallelize_fn)
     return {"losses": [m[LM_LOSS] for _, m in summary["train_history"]],
-            "consumed": summary["consumed_train_samples"]}
+            "validation_loss": summary["validation_loss"], "consumed": summary["consumed_train_samples"],
+            "logit_types": sorted(LOGIT_TYPES)}
 
 
 def main():

@@ -10,7 +10,6 @@ Plus a 2-process torchrun run, whose losses match one process to float tolerance
 """
 
 import os
-import re
 import subprocess
 import sys
 import sysconfig
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from megatron.training.checkpointing import KILL_DURING_SAVE_ENV, KILL_EXIT_CODE, TRACKER_FILE
+from train_log import VALID_RE, iterations as _iterations
 from tools.corpus_from_files import write_corpus
 from tools.preprocess_data import preprocess
 from tools.train_tokenizer import train_tokenizer
@@ -28,9 +28,6 @@ from tools.train_tokenizer import train_tokenizer
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-ITER_RE = re.compile(r"^ iteration\s+(\d+)/\s*\d+ \| consumed samples:\s+(\d+) \| .*? \| learning rate: (\S+) \| "
-                     r"global batch size:\s+\d+ \| lm loss: (\S+) \| loss scale: \S+ \| grad norm: (\S+) \|", re.M)
-VALID_RE = re.compile(r"^ validation loss at iteration (\d+).*?\| lm loss value: (\S+) \|", re.M)
 
 
 def _train_args(data: Path, *extra) -> list[str]:
@@ -60,11 +57,6 @@ def _pretrain(data: Path, save: Path, *extra, env_extra=None) -> subprocess.Comp
     return _run([sys.executable, "pretrain_gpt.py",
                  *_train_args(data, "--save", str(save), "--save-interval", "20", "--hidden-dropout", "0.1",
                               "--attention-dropout", "0.1", *extra)], env_extra)
-
-
-def _iterations(log: str) -> dict[int, tuple]:
-    """iteration -> (consumed samples, learning rate, lm loss, grad norm) as printed."""
-    return {int(m[1]): m.groups()[1:] for m in ITER_RE.finditer(log)}
 
 
 def _weights(checkpoint: Path, out: Path) -> dict:

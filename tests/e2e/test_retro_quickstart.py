@@ -1,4 +1,5 @@
-"""End to end: the quickstart pipeline on a few stdlib files, then evaluate.py's JSON."""
+"""End to end: the quickstart pipeline on a few stdlib files, then evaluate.py's JSON; and
+pretrain_retro.py under torchrun with tensor + sequence parallelism on the work dir it built."""
 
 import json
 import math
@@ -8,18 +9,35 @@ import sys
 
 import pytest
 
+from train_log import VALID_RE, iterations
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.slow
+QUICKSTART_ARGS = ["--max-files", "12", "--vocab-size", "512", "--seq-length", "128", "--train-iters", "12",
+                   "--eval-interval", "6", "--eval-iters", "2", "--global-batch-size", "4", "--micro-batch-size",
+                   "2", "--num-layers", "3", "--hidden-size", "64", "--num-attention-heads", "4", "--workers", "1",
+                   "--split", "75,25,0"]
 
 
-@pytest.mark.slow
-def test_quickstart_on_a_stdlib_subset_writes_the_evaluation_json(tmp_path):
-    ws = tmp_path / "qs"
-    cmd = [sys.executable, "examples/retro/quickstart.py", "--workspace", str(ws), "--max-files", "12",
-           "--vocab-size", "512", "--seq-length", "128", "--train-iters", "12", "--eval-interval", "6",
-           "--eval-iters", "2", "--global-batch-size", "4", "--micro-batch-size", "2", "--num-layers", "3",
-           "--hidden-size", "64", "--num-attention-heads", "4", "--workers", "1", "--split", "75,25,0"]
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("quickstart") / "qs"
+    cmd = [sys.executable, "examples/retro/quickstart.py", "--workspace", str(ws), *QUICKSTART_ARGS]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return ws, cmd, proc
+
+
+def _pretrain_args(ws, *extra) -> list[str]:
+    return ["pretrain_retro.py", "--retro-add-retriever", "--retro-work-dir", str(ws / "retro_workdir"),
+            "--tokenizer-type", "HuggingFaceTokenizer", "--num-layers", "3", "--hidden-size", "64",
+            "--num-attention-heads", "4", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--train-iters", "12", "--eval-interval", "6", "--eval-iters", "2", "--split", "75,25,0",
+            "--seed", "1234", *extra]
+
+
+def test_quickstart_on_a_stdlib_subset_writes_the_evaluation_json(tmp_path, quickstart):
+    ws, cmd, proc = quickstart
     assert "RETRO, retrieval on" in proc.stdout
 
     retro = json.loads((ws / "eval_retro.json").read_text())
@@ -41,11 +59,7 @@ def test_quickstart_on_a_stdlib_subset_writes_the_evaluation_json(tmp_path):
 
 
     # The work-dir check: another seq length or another tokenizer is refused, naming the field.
-    base = [sys.executable, "pretrain_retro.py", "--retro-add-retriever", "--retro-work-dir",
-            str(ws / "retro_workdir"), "--tokenizer-type", "HuggingFaceTokenizer", "--num-layers", "3",
-            "--hidden-size", "64", "--num-attention-heads", "4", "--micro-batch-size", "2",
-            "--global-batch-size", "4", "--train-iters", "12", "--eval-interval", "6", "--eval-iters", "2",
-            "--split", "75,25,0", "--seed", "1234"]
+    base = [sys.executable, *_pretrain_args(ws)]
     wrong_seq = subprocess.run(base + ["--tokenizer-model", str(ws / "tokenizer"), "--seq-length", "64"],
                                cwd=REPO, capture_output=True, text=True, timeout=300)
     assert wrong_seq.returncode != 0 and "seq_length" in wrong_seq.stderr
@@ -55,3 +69,28 @@ def test_quickstart_on_a_stdlib_subset_writes_the_evaluation_json(tmp_path):
     wrong_tok = subprocess.run(base + ["--tokenizer-model", str(other_tok), "--seq-length", "128"],
                                cwd=REPO, capture_output=True, text=True, timeout=300)
     assert wrong_tok.returncode != 0 and "tokenizer_fingerprint" in wrong_tok.stderr
+
+
+def test_torchrun_tensor_and_sequence_parallel_retro_matches_one_process(quickstart):
+    """tp2 + sp over 2 processes: vocabulary-parallel loss, CCA and encoder heads split; the same
+    losses as one process (dropout off: the ranks' dropout masks are not the single process's)."""
+    ws, _, _ = quickstart
+    args = _pretrain_args(ws, "--tokenizer-model", str(ws / "tokenizer"), "--seq-length", "128",
+                          "--exit-interval", "4", "--log-interval", "1",
+                          "--hidden-dropout", "0", "--attention-dropout", "0", "--peak-tflops", "1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *args, "--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    got, want = iterations(two.stdout), iterations(one.stdout)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for i in want:
+        assert float(got[i][2]) == pytest.approx(float(want[i][2]), rel=1e-5), i
+    valid_two, valid_one = VALID_RE.findall(two.stdout), VALID_RE.findall(one.stdout)
+    assert [i for i, _ in valid_two] == [i for i, _ in valid_one] == ["4"]
+    assert float(valid_two[0][1]) == pytest.approx(float(valid_one[0][1]), rel=1e-5)
