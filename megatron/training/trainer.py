@@ -224,6 +224,17 @@ class _Trainer:
         return _average(sums, eval_iters if pipe is not None else eval_iters * self.num_micro, self.par)
 
 
+def evaluate_dataset(cfg: Config, env: DistEnv, par: Parallelized, forward_step: Callable, dataset,
+                     num_iters: int) -> dict[str, float]:
+    """Metrics averaged over the first ``num_iters`` global batches of ``dataset``, computed as
+    validation during training is (each data-parallel rank its slice, the pipeline's forward-only
+    schedule under pipeline parallelism, vocabulary-parallel loss under TP): for tools that
+    evaluate a loaded checkpoint, such as tools/retro/evaluate.py."""
+    num_micro = resolve_batch_sizes(cfg, par.dp_size)
+    trainer = _Trainer(cfg, env, par, forward_step, optimizer=None, scheduler=None, num_micro=num_micro)
+    return trainer.evaluate(_Batches(dataset, cfg, par, 0, cyclic=False, device=env.device), num_iters)
+
+
 class _Interval:
     """What one log line reports: metrics averaged over the iterations since the last line (skipped
     ones included: their loss was computed), and throughput over the time spent in train steps

@@ -71,6 +71,17 @@ def test_quickstart_on_a_stdlib_subset_writes_the_evaluation_json(tmp_path, quic
     assert wrong_tok.returncode != 0 and "tokenizer_fingerprint" in wrong_tok.stderr
 
 
+def _launch(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else []
+    proc = subprocess.run([sys.executable, *launcher, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def test_torchrun_tensor_and_sequence_parallel_retro_matches_one_process(quickstart):
     """tp2 + sp over 2 processes: vocabulary-parallel loss, CCA and encoder heads split; the same
     losses as one process (dropout off: the ranks' dropout masks are not the single process's)."""
@@ -78,15 +89,8 @@ def test_torchrun_tensor_and_sequence_parallel_retro_matches_one_process(quickst
     args = _pretrain_args(ws, "--tokenizer-model", str(ws / "tokenizer"), "--seq-length", "128",
                           "--exit-interval", "4", "--log-interval", "1",
                           "--hidden-dropout", "0", "--attention-dropout", "0", "--peak-tflops", "1")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          *args, "--tensor-model-parallel-size", "2", "--sequence-parallel"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    one = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    two = _launch([*args, "--tensor-model-parallel-size", "2", "--sequence-parallel"], nproc=2)
+    one = _launch(args)
     got, want = iterations(two.stdout), iterations(one.stdout)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for i in want:
@@ -94,3 +98,20 @@ def test_torchrun_tensor_and_sequence_parallel_retro_matches_one_process(quickst
     valid_two, valid_one = VALID_RE.findall(two.stdout), VALID_RE.findall(one.stdout)
     assert [i for i, _ in valid_two] == [i for i, _ in valid_one] == ["4"]
     assert float(valid_two[0][1]) == pytest.approx(float(valid_one[0][1]), rel=1e-5)
+
+
+@pytest.mark.parametrize("layout", [["--pipeline-model-parallel-size", "2"],
+                                    ["--tensor-model-parallel-size", "2", "--sequence-parallel"]],
+                         ids=["pp2", "tp2_sp"])
+def test_evaluate_under_torchrun_matches_one_process(quickstart, tmp_path, layout):
+    """evaluate.py on 2 processes (pipelined: the forward-only schedule; or tensor parallel) loads
+    the one-process checkpoint resharded and scores every mode as the one-process run did."""
+    ws, _, _ = quickstart
+    out = tmp_path / "eval.json"
+    _launch(["tools/retro/evaluate.py", "--retro-work-dir", str(ws / "retro_workdir"), "--load",
+             str(ws / "checkpoints" / "retro"), "--output", str(out), *layout], nproc=2)
+    got, want = json.loads(out.read_text()), json.loads((ws / "eval_retro.json").read_text())
+    assert got["step"] == want["step"] and got["num_samples"] == want["num_samples"]
+    for mode in ("retrieval_on", "retrieval_off", "random_retrieval"):
+        for key in ("loss", "lm_loss", "gate_mean"):
+            assert got[mode][key] == pytest.approx(want[mode][key], rel=1e-5), (mode, key)

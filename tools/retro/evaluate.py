@@ -1,8 +1,14 @@
 """Evaluate a checkpoint of pretrain_retro.py on the validation split: retrieval on / off / random.
 
     python tools/retro/evaluate.py --retro-work-dir wd --load ckpt/retro [--output results.json]
+    torchrun --nproc-per-node 4 tools/retro/evaluate.py ... --pipeline-model-parallel-size 2 \
+        --tensor-model-parallel-size 2
 
 The model, data and tokenizer come from the checkpoint's config; the work dir must match it.
+Each mode is scored as validation during training is, on the first --eval-samples validation
+samples (whole global batches): under torchrun with tensor / pipeline parallelism (any layout,
+whatever the checkpoint was trained under; the pipeline runs its forward-only schedule) and
+data parallelism over the remaining processes. Rank 0 prints and writes the JSON.
 Prints and writes (with --output) JSON of this shape:
 
     {"step", "model": "retro" | "gpt", "num_samples",
@@ -36,13 +42,16 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.data.loader import build_data_loader
+from megatron.parallel.parallelize import parallelize_fn
 from megatron.training import retro
 from megatron.training.checkpointing import find_checkpoint, load_checkpoint
-from megatron.training.config import Config
-from megatron.training.trainer import sample_counts
+from megatron.training.config import Config, ParallelConfig
+from megatron.training.initialize import initialize_distributed
+from megatron.training.trainer import evaluate_dataset, sample_counts
 
 MODES = {"retrieval_on": "on", "retrieval_off": "off", "random_retrieval": "random"}
 # Below this retrieval-off minus retrieval-on loss the model is taken to ignore its neighbours.
@@ -121,66 +130,63 @@ def evaluate_overlap_buckets(model, cfg: Config, num_samples: int, device) -> di
     return out
 
 
-@torch.no_grad()
-def evaluate_mode(model, cfg: Config, mode: str, num_samples: int, device) -> dict:
+def evaluate_mode(cfg: Config, env, par, mode: str, num_iters: int) -> dict:
+    """Scores of the validation split's first ``num_iters`` global batches with neighbours `mode`."""
     _, valid, _ = retro.datasets(cfg, sample_counts(cfg), retrieval=mode, training=False)
     if valid is None:
         raise ValueError(f"--split {cfg.data.split} leaves no validation documents")
-    num_samples = min(num_samples, len(valid))
-    mbs = cfg.training.micro_batch_size
-    forward_step = retro.make_forward_step(cfg)
-    sums = {"loss": 0.0, "lm_loss": 0.0, "gate_mean": 0.0}
-    batches = 0
-    for batch in build_data_loader(valid, mbs, 0):
-        if (batches + 1) * mbs > num_samples:
-            break
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss, metrics = forward_step(model, batch)
-        sums["loss"] += float(loss)
-        sums["lm_loss"] += float(metrics[retro.LM_LOSS])
-        sums["gate_mean"] += float(metrics.get(retro.GATE_MEAN, 1.0))
-        batches += 1
-    if batches == 0:
-        raise ValueError(f"--eval-samples {num_samples} is less than one micro-batch of {mbs}")
-    out = {k: v / batches for k, v in sums.items()}
-    out["ppl"] = math.exp(min(out["lm_loss"], 50.0))
-    out["num_samples"] = batches * mbs
-    return out
+    metrics = evaluate_dataset(cfg, env, par, retro.make_forward_step(cfg), valid, num_iters)
+    lm = metrics[retro.LM_LOSS]
+    return {"loss": lm + metrics.get(retro.BUDGET_LOSS, 0.0), "lm_loss": lm, "ppl": math.exp(min(lm, 50.0)),
+            "gate_mean": metrics.get(retro.GATE_MEAN, 1.0)}
 
 
 def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_batch_size: int | None = None,
-             device: str | None = None, overlap_buckets: bool = False) -> dict:
+             overlap_buckets: bool = False, parallel: dict | None = None) -> dict:
+    """The results dict (module docstring). ``parallel``: ParallelConfig fields for this run's
+    layout (tensor / pipeline sizes; data parallel is the rest of the launched processes), which
+    need not be the layout the checkpoint was trained under: DCP reshards on load."""
     found = find_checkpoint(load)
     if found is None:
         raise ValueError(f"{load}: no complete checkpoint found")
     step, path = found
     cfg = retro.config_from_checkpoint(path, work_dir)
+    cfg.extra["retro"].fit_from = None  # the checkpoint holds every parameter
+    # Evaluation's own layout; recompute and compile only pay off in training.
+    cfg.parallel = ParallelConfig(**(parallel or {}))
+    cfg.training.recompute_granularity, cfg.training.use_torch_compile = None, False
     if micro_batch_size:
         cfg.training.micro_batch_size = micro_batch_size
     retro.prepare(cfg)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with torch.device(device):
+    env = initialize_distributed(cfg.parallel)
+    with torch.device(env.device):
         model = retro.model_provider(cfg)
-    load_checkpoint(load, model, step=step, load_rng=False, model_config=dataclasses.asdict(cfg.model))
-    model.eval()
+    par = parallelize_fn(model, cfg, env)
+    load_checkpoint(load, par.model, step=step, load_rng=False, model_config=dataclasses.asdict(cfg.model))
+    par.model.eval()
+
+    gbs = cfg.training.global_batch_size
     _, valid_count, _ = sample_counts(cfg)
-    num_samples = eval_samples or cfg.training.eval_iters * cfg.training.global_batch_size
-    num_samples = min(num_samples, valid_count)
+    num_samples = min(eval_samples or cfg.training.eval_iters * gbs, valid_count)
+    num_iters = num_samples // gbs
+    if num_iters == 0:
+        raise ValueError(f"{num_samples} validation samples are less than one global batch of {gbs} "
+                         "(--eval-samples, or the run's --eval-iters x --global-batch-size)")
 
     add_retriever = cfg.extra["retro"].add_retriever
-    results = {"step": step, "model": "retro" if add_retriever else "gpt"}
+    results = {"step": step, "model": "retro" if add_retriever else "gpt", "num_samples": num_iters * gbs}
     modes = MODES if add_retriever else {"retrieval_off": "off"}
     for key, mode in modes.items():
-        scores = evaluate_mode(model, cfg, mode, num_samples, device)
-        results["num_samples"] = scores.pop("num_samples")
-        results[key] = scores
+        results[key] = evaluate_mode(cfg, env, par, mode, num_iters)
     if add_retriever:
         on = results["retrieval_on"]["lm_loss"]
         results["delta_lm_loss_off_minus_on"] = results["retrieval_off"]["lm_loss"] - on
         results["delta_lm_loss_random_minus_on"] = results["random_retrieval"]["lm_loss"] - on
         if overlap_buckets:
+            if env.is_distributed:
+                raise ValueError("--overlap-buckets scores chunk by chunk on one process: run it without torchrun")
             results["overlap_ngram"] = OVERLAP_NGRAM
-            results["overlap_buckets"] = evaluate_overlap_buckets(model, cfg, num_samples, device)
+            results["overlap_buckets"] = evaluate_overlap_buckets(par.model, cfg, results["num_samples"], env.device)
     elif overlap_buckets:
         raise ValueError(f"{load}: --overlap-buckets needs a RETRO checkpoint (this one is a GPT)")
     return results
@@ -192,19 +198,31 @@ def main(argv=None) -> int:
     p.add_argument("--load", required=True, help="checkpoint directory written by pretrain_retro.py --save")
     p.add_argument("--output", default=None, help="write the JSON here too")
     p.add_argument("--eval-samples", type=int, default=None,
-                   help="validation samples per mode (default: --eval-iters x --global-batch-size of the run)")
+                   help="validation samples per mode, rounded down to whole global batches (default: "
+                        "--eval-iters x --global-batch-size of the run)")
     p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--min-delta", type=float, default=DEFAULT_MIN_DELTA,
                    help="warn when retrieval-off minus retrieval-on lm loss is below this")
     p.add_argument("--overlap-buckets", action="store_true",
                    help="also report lm loss on/off by how much of each chunk its neighbours contain (13-grams)")
     args = p.parse_args(argv)
+    parallel = {"tensor_model_parallel_size": args.tensor_model_parallel_size,
+                "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+                "sequence_parallel": args.sequence_parallel}
     try:
         results = evaluate(args.load, args.retro_work_dir, args.eval_samples, args.micro_batch_size,
-                           overlap_buckets=args.overlap_buckets)
+                                overlap_buckets=args.overlap_buckets, parallel=parallel)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank != 0:
+        return 0
     text = json.dumps(results, indent=2)
     print(text)
     if args.output:
