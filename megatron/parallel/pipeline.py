@@ -29,7 +29,8 @@ other ranks removed, so its parameter names are the full model's: DCP checkpoint
 any pipeline layout load under any other (each rank reads the names it has).
 
 Tensor (+sequence) parallel applies per stage (each rank's share of the TP plan; activations
-between stages stay plain tensors, under SP this rank's sequence shard). Data parallel: FSDP2
+between stages stay plain tensors, under SP this rank's sequence shard); the last stage's loss
+runs under ``loss_parallel()`` on vocabulary-sharded logits. Data parallel: FSDP2
 (``fully_shard`` per block and per stage; HSDP too), or with ddp a gradient all-reduce after
 the schedule (DDP's semantics without its wrapper, which does not know the pipeline's backward).
 
@@ -58,7 +59,7 @@ from megatron.parallel.activation_checkpoint import apply_activation_checkpointi
 from megatron.parallel.compile import compile_blocks
 from megatron.parallel.data_parallel import data_parallel_mesh
 from megatron.parallel.mesh import ParallelMesh, build_device_mesh, data_parallel_rank_and_size
-from megatron.parallel.tensor_parallel import parallelize_tensor_parallel
+from megatron.parallel.tensor_parallel import loss_parallel_context, parallelize_tensor_parallel
 from megatron.training.config import Config, ParallelConfig
 from megatron.training.initialize import DistEnv
 from megatron.training.loss import lm_loss
@@ -283,9 +284,9 @@ class PipelinedModel:
                        if isinstance(layer, RetroBlock) and layer.gate is not None]
         tp = mesh["tp"].size()
         if tp > 1:
-            # The stage's share of the TP(+SP) plan; activations between stages stay plain tensors.
-            parallelize_tensor_parallel(self.model, mesh["tp"], sequence_parallel=sequence_parallel,
-                                        loss_parallel_enabled=False)
+            # The stage's share of the TP(+SP) plan; activations between stages stay plain tensors,
+            # the last stage's logits stay sharded on the vocabulary for loss_parallel().
+            parallelize_tensor_parallel(self.model, mesh["tp"], sequence_parallel=sequence_parallel)
         shards = tp if sequence_parallel else 1
         self.stage_modules = [StageModule(self.model, stage_keys[s], s == 0, s == num_stages - 1, shards)
                               for s in local]
@@ -325,7 +326,10 @@ class PipelinedModel:
         args = (tokens,) if 0 in self.local_stages else ()
         target = labels if self.has_last_stage else None
         run = self.schedule.step if train else self.schedule.eval
-        run(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+        # The loss and its backward run inside the schedule: all of it under loss_parallel() when
+        # the head's logits are vocabulary-sharded (it only changes how DTensor cross-entropy runs).
+        with loss_parallel_context(self.model):
+            run(*args, target=target, losses=losses, return_outputs=False, **kwargs)
         loss = (torch.stack([x.detach().float() for x in losses]).sum() if self.has_last_stage
                 else torch.zeros((), device=text.device))
         dist.broadcast(loss, self.last_rank, group=self.pp_group)
