@@ -2,9 +2,14 @@
 
     python tools/corpus_from_files.py --output corpus.jsonl            # this Python's stdlib *.py
     python tools/corpus_from_files.py --input src/ --glob '*.md' --max-files 100 --output docs.jsonl
+    python tools/corpus_from_files.py --max-files 400 --shuffle-seed 1234 --output corpus.jsonl
 
 The id is the file's path relative to --input, and files are written in id order, so the same
-tree always gives the same corpus. Files that are not valid UTF-8 are skipped and counted.
+tree always gives the same corpus. With --shuffle-seed they are written in a seeded random order
+instead (and --max-files keeps a random N): Megatron's --split cuts the document sequence into
+contiguous train / valid / test ranges, so in id order the validation documents would be the
+last packages of the alphabet (for the stdlib: the near-identical codec tables of encodings/),
+not a sample of the corpus. Files that are not valid UTF-8 are skipped and counted.
 Installed third-party packages (site-packages) below --input are left out, so the default
 corpus depends only on the Python version, not on what is installed.
 """
@@ -13,6 +18,7 @@ import argparse
 import fnmatch
 import json
 import os
+import random
 import sys
 import sysconfig
 import uuid
@@ -37,9 +43,12 @@ def find_files(input_dir: str, pattern: str) -> list[tuple[str, str]]:
     return found
 
 
-def write_corpus(input_dir: str, pattern: str, output: str, max_files: int | None = None) -> tuple[int, int]:
+def write_corpus(input_dir: str, pattern: str, output: str, max_files: int | None = None,
+                 shuffle_seed: int | None = None) -> tuple[int, int]:
     """Write the corpus to `output`; returns (documents written, files skipped as not UTF-8)."""
     files = find_files(input_dir, pattern)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(files)
     if max_files is not None:
         files = files[:max_files]
     if not files:
@@ -74,7 +83,10 @@ def parse_args(argv=None):
                         help="directory to read (default: this Python's stdlib)")
     parser.add_argument("--glob", default="*.py", help="file name pattern, matched at any depth below --input")
     parser.add_argument("--output", default="corpus.jsonl", help="JSONL file to write")
-    parser.add_argument("--max-files", type=int, default=None, help="keep only the first N files by id")
+    parser.add_argument("--max-files", type=int, default=None,
+                        help="keep only the first N files (by id, or of the shuffled order)")
+    parser.add_argument("--shuffle-seed", type=int, default=None,
+                        help="write the files in this seed's random order (default: id order)")
     args = parser.parse_args(argv)
     if args.max_files is not None and args.max_files < 1:
         parser.error("--max-files must be at least 1")
@@ -84,7 +96,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        written, skipped = write_corpus(args.input, args.glob, args.output, args.max_files)
+        written, skipped = write_corpus(args.input, args.glob, args.output, args.max_files, args.shuffle_seed)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -155,6 +155,24 @@ def test_corpus_from_files(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["again.jsonl", "corpus.jsonl", "tree"]
 
 
+def test_shuffled_corpus_is_a_seeded_sample_of_the_whole_tree(tmp_path):
+    """--shuffle-seed: a fixed random order (so --split's contiguous valid range is a sample of the
+    corpus, not its last packages), the same for the same seed; --max-files then keeps a random N."""
+    def ids(path):
+        return [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+    everything = [doc_id for doc_id, _ in find_files(STDLIB, "*.py")]
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    assert corpus_main(["--max-files", "200", "--shuffle-seed", "7", "--output", str(a)]) == 0
+    assert corpus_main(["--max-files", "200", "--shuffle-seed", "7", "--output", str(b)]) == 0
+    assert corpus_main(["--max-files", "200", "--shuffle-seed", "8", "--output", str(c)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    assert ids(a) != ids(c) and ids(a) != sorted(ids(a))
+    assert len(set(ids(a))) == len(ids(a)) > 190  # a few stdlib test files are not UTF-8: skipped
+    # Drawn from across the tree, not the first 200 ids (which end around "encodings/").
+    assert max(ids(a)) > everything[len(everything) // 2] > min(ids(a))
+
+
 def test_corpus_from_files_defaults_to_the_stdlib(tmp_path, capsys):
     output = tmp_path / "stdlib.jsonl"
     assert corpus_main(["--max-files", "3", "--output", str(output)]) == 0
