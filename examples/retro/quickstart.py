@@ -1,10 +1,10 @@
 """The whole RETRO pipeline on the Python standard library's own source files, on one machine.
 
-    python examples/retro/quickstart.py [--workspace runs/quickstart] [--max-files 400]
+    python examples/retro/quickstart.py [--workspace runs/quickstart] [--max-files 300]
 
 Steps (each a command a user could run by hand; each is skipped when its output exists, so an
 interrupted quickstart resumes):
-  1. tools/corpus_from_files.py          stdlib *.py -> corpus.jsonl
+  1. tools/corpus_from_files.py          a seeded random sample of the stdlib *.py -> corpus.jsonl
   2. tools/train_tokenizer.py            byte-level BPE -> tokenizer/tokenizer.json
   3. tools/preprocess_data.py            -> data/stdlib_text_document.bin/.idx
   4. tools/retro/preprocess_data.py      work dir: chunk DB, embeddings, index, neighbours
@@ -39,7 +39,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workspace", default=os.path.join(REPO, "runs", "quickstart"))
     p.add_argument("--input", default=None, help="directory of *.py files (default: the stdlib)")
-    p.add_argument("--max-files", type=int, default=400, help="0: every file")
+    p.add_argument("--max-files", type=int, default=300, help="0: every file")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--train-iters", type=int, default=200)
@@ -68,7 +68,9 @@ def main(argv=None):
                 "--global-batch-size", str(args.global_batch_size), "--eval-interval", str(args.eval_interval),
                 "--eval-iters", str(args.eval_iters), "--split", args.split, "--seed", "1234"]
 
-    corpus_cmd = [py, "tools/corpus_from_files.py", "--output", corpus]
+    # Shuffled: --split takes the last documents for validation, which in path order would be
+    # one package's near-identical files.
+    corpus_cmd = [py, "tools/corpus_from_files.py", "--output", corpus, "--shuffle-seed", "1234"]
     if args.input:
         corpus_cmd += ["--input", args.input]
     if args.max_files:
