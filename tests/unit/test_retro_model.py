@@ -11,6 +11,7 @@ from megatron.models.retro.chunked_cross_attention import ChunkedCrossAttention
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel, retro_flops_per_token
 from megatron.training.config import ModelConfig
+from megatron.training.copy_probe import copy_probe
 
 V = 64
 M = 4  # chunk length
@@ -304,7 +305,15 @@ def test_retrieval_is_used_retro_loss_falls_far_below_gpt():
             else:
                 logits = model(tokens)
             losses[kind] = F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
+            if kind == "retro":
+                # The copy task puts chunks u+1 and u+2 in chunk u's neighbour: the probe's
+                # offset m. The model learnt that alignment only, and nothing in context.
+                probe = copy_probe(model, V, s, M, K, offsets=(0, M))
     # Only the first m - 1 positions of a sample have nothing to copy: about (3/32) log V is reachable.
     assert losses["gpt"] > 0.9 * math.log(V), losses
     assert losses["retro"] < 0.5 * losses["gpt"], losses
     assert losses["retro_off"] > 0.9 * math.log(V), losses
+    learnt, other = probe["from_neighbors"][str(M)], probe["from_neighbors"]["0"]
+    assert learnt["on"] < 0.5 * learnt["off"], probe
+    assert learnt["off"] > 0.9 * math.log(V) and other["on"] > 0.9 * math.log(V), probe
+    assert min(probe["in_context"].values()) > 0.9 * math.log(V), probe

@@ -50,6 +50,7 @@ from megatron.parallel.parallelize import parallelize_fn
 from megatron.training import retro
 from megatron.training.checkpointing import find_checkpoint, load_checkpoint
 from megatron.training.config import Config, ParallelConfig
+from megatron.training.copy_probe import copy_probe
 from megatron.training.initialize import initialize_distributed
 from megatron.training.trainer import evaluate_dataset, sample_counts
 
@@ -142,7 +143,7 @@ def evaluate_mode(cfg: Config, env, par, mode: str, num_iters: int) -> dict:
 
 
 def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_batch_size: int | None = None,
-             overlap_buckets: bool = False, parallel: dict | None = None) -> dict:
+             overlap_buckets: bool = False, parallel: dict | None = None, probe: bool = False) -> dict:
     """The results dict (module docstring). ``parallel``: ParallelConfig fields for this run's
     layout (tensor / pipeline sizes; data parallel is the rest of the launched processes), which
     need not be the layout the checkpoint was trained under: DCP reshards on load."""
@@ -189,6 +190,14 @@ def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_ba
             results["overlap_buckets"] = evaluate_overlap_buckets(par.model, cfg, results["num_samples"], env.device)
     elif overlap_buckets:
         raise ValueError(f"{load}: --overlap-buckets needs a RETRO checkpoint (this one is a GPT)")
+    if probe:
+        if env.is_distributed:
+            raise ValueError("--copy-probe runs on one process: run it without torchrun")
+        rcfg = cfg.extra["retro"].model
+        results["copy_probe"] = copy_probe(
+            par.model, cfg.model.vocab_size, cfg.model.seq_length,
+            rcfg.chunk_length if add_retriever else None, rcfg.num_neighbors if add_retriever else None,
+            device=env.device)
     return results
 
 
@@ -206,6 +215,9 @@ def main(argv=None) -> int:
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--min-delta", type=float, default=DEFAULT_MIN_DELTA,
                    help="warn when retrieval-off minus retrieval-on lm loss is below this")
+    p.add_argument("--copy-probe", action="store_true",
+                   help="also report whether the model copies random text from its context and from "
+                        "neighbours (megatron/training/copy_probe.py)")
     p.add_argument("--overlap-buckets", action="store_true",
                    help="also report lm loss on/off by how much of each chunk its neighbours contain (13-grams)")
     args = p.parse_args(argv)
@@ -214,7 +226,8 @@ def main(argv=None) -> int:
                 "sequence_parallel": args.sequence_parallel}
     try:
         results = evaluate(args.load, args.retro_work_dir, args.eval_samples, args.micro_batch_size,
-                                overlap_buckets=args.overlap_buckets, parallel=parallel)
+                                overlap_buckets=args.overlap_buckets, parallel=parallel,
+                           probe=args.copy_probe)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
