@@ -271,13 +271,14 @@ def test_text_generation_tool_shows_neighbours_for_each_chunk(workspace, tmp_pat
 
 @pytest.mark.slow
 def test_evaluate_overlap_buckets_partition_the_chunks_and_their_loss(workspace, tmp_path):
-    """evaluate.py --overlap-buckets on the same work dir (it lives here for the fixture): the
+    """evaluate.py --overlap-buckets (and --copy-probe) on the same work dir (it lives here for the fixture): the
     buckets hold every scored chunk once, and their chunk-weighted losses give back the mean
     loss over the scored positions of a direct forward."""
     from megatron.data.tokenizers import build_tokenizer
     from megatron.training import retro
     from megatron.training.checkpointing import TrainState, save_checkpoint
     from megatron.training.config import Config, DataConfig, TrainingConfig
+    from megatron.training.copy_probe import copy_probe
     from megatron.training.retro import RetroTrainingConfig
     from megatron.training.trainer import sample_counts
     from tools.retro.evaluate import OVERLAP_BUCKETS, evaluate
@@ -293,7 +294,15 @@ def test_evaluate_overlap_buckets_partition_the_chunks_and_their_loss(workspace,
                                              model=dataclasses.replace(model.retro_cfg))
     save_checkpoint(str(tmp_path / "ckpt"), TrainState(iteration=4), model, None, None, dataclasses.asdict(cfg))
 
-    results = evaluate(str(tmp_path / "ckpt"), str(workspace["work_dir"]), eval_samples=4, overlap_buckets=True)
+    results = evaluate(str(tmp_path / "ckpt"), str(workspace["work_dir"]), eval_samples=4, overlap_buckets=True,
+                       probe=True)
+    # --copy-probe scores the loaded checkpoint as the probe scores the saved model.
+    direct = copy_probe(model, model.cfg.vocab_size, SEQ, 64, model.retro_cfg.num_neighbors)
+    probed = results["copy_probe"]
+    assert probed["in_context"] == pytest.approx(direct["in_context"], rel=1e-4)
+    for offset, losses in direct["from_neighbors"].items():
+        assert probed["from_neighbors"][offset] == pytest.approx(losses, rel=1e-4)
+    assert set(results["copy_probe"]["from_neighbors"]) == {"0", "23"}
     buckets = results["overlap_buckets"]
     assert list(buckets) == [name for name, _ in OVERLAP_BUCKETS] and results["overlap_ngram"] == 13
     assert sum(b["chunks"] for b in buckets.values()) == results["num_samples"] * (SEQ // 64 - 1)

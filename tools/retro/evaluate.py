@@ -19,6 +19,11 @@ Off = no neighbour reaches any chunked cross-attention; random = neighbours draw
 the valid chunks of the DB, masked like the retrieved ones. A GPT checkpoint (trained without
 --retro-add-retriever) has only "retrieval_off". gate_mean is 1.0 without --retro-attention-gate.
 
+--copy-probe adds "copy_probe" (megatron/training/copy_probe.py): lm loss on random tokens that
+only copying predicts, from the model's own context and (RETRO) from a neighbour holding the text,
+aligned or displaced. A model whose retrieval gain is zero and that cannot copy there has not
+learnt the skill retrieval rests on; one that copies there but gains nothing has nothing to copy.
+
 --overlap-buckets (RETRO paper §2.6, Fig. 6: is a gain modelling, or copying?) adds
 
     "overlap_ngram": 13,
