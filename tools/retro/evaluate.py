@@ -231,8 +231,7 @@ def main(argv=None) -> int:
                 "sequence_parallel": args.sequence_parallel}
     try:
         results = evaluate(args.load, args.retro_work_dir, args.eval_samples, args.micro_batch_size,
-                                overlap_buckets=args.overlap_buckets, parallel=parallel,
-                           probe=args.copy_probe)
+                           overlap_buckets=args.overlap_buckets, parallel=parallel, probe=args.copy_probe)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
