@@ -116,8 +116,12 @@ def print_table(results: dict):
     for name, r in rows:
         print(f"  {name:<32} {r['lm_loss']:>8.4f} {r['ppl']:>9.2f}")
     on = retro["retrieval_on"]["lm_loss"]
-    print(f"  retrieval helps: on < off by {retro['delta_lm_loss_off_minus_on']:.4f}, "
-          f"on < GPT by {gpt['retrieval_off']['lm_loss'] - on:.4f}")
+    off_gain, gpt_gain = retro["delta_lm_loss_off_minus_on"], gpt["retrieval_off"]["lm_loss"] - on
+    print(f"  retrieval gain (positive: it helps): off - on {off_gain:.4f}, GPT - on {gpt_gain:.4f}")
+    # The same bar as evaluate.py's --min-delta default: below it the neighbours barely matter.
+    if min(off_gain, gpt_gain) < 0.01:
+        print("  retrieval did not help in this run: README 'What the quickstart run shows' says why;\n"
+              "  tools/retro/evaluate.py --copy-probe tells whether a checkpoint copies at all")
 
 
 if __name__ == "__main__":
