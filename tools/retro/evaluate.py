@@ -237,6 +237,9 @@ def main(argv=None) -> int:
         return 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     if dist.is_initialized():
+        # Every rank past its last collective before any tears gloo down: a rank that left
+        # early was seen to abort at exit (std::terminate) while the other still finished.
+        dist.barrier()
         dist.destroy_process_group()
     if rank != 0:
         return 0
