@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from megatron.training.retro import MIN_RETRIEVAL_GAIN
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -118,8 +120,7 @@ def print_table(results: dict):
     on = retro["retrieval_on"]["lm_loss"]
     off_gain, gpt_gain = retro["delta_lm_loss_off_minus_on"], gpt["retrieval_off"]["lm_loss"] - on
     print(f"  retrieval gain (positive: it helps): off - on {off_gain:.4f}, GPT - on {gpt_gain:.4f}")
-    # The same bar as evaluate.py's --min-delta default: below it the neighbours barely matter.
-    if min(off_gain, gpt_gain) < 0.01:
+    if min(off_gain, gpt_gain) < MIN_RETRIEVAL_GAIN:
         print("  retrieval did not help in this run: README 'What the quickstart run shows' says why;\n"
               "  tools/retro/evaluate.py --copy-probe tells whether a checkpoint copies at all")
 

@@ -32,6 +32,9 @@ from megatron.training.trainer import LM_LOSS, sample_counts
 
 BUDGET_LOSS = "budget loss"
 GATE_MEAN = "gate mean"
+# Below this retrieval-off minus retrieval-on lm loss a model is taken to ignore its neighbours
+# (evaluate.py's --min-delta warning, the quickstart's verdict).
+MIN_RETRIEVAL_GAIN = 0.01
 
 
 @dataclasses.dataclass

@@ -60,8 +60,6 @@ from megatron.training.initialize import initialize_distributed
 from megatron.training.trainer import evaluate_dataset, sample_counts
 
 MODES = {"retrieval_on": "on", "retrieval_off": "off", "random_retrieval": "random"}
-# Below this retrieval-off minus retrieval-on loss the model is taken to ignore its neighbours.
-DEFAULT_MIN_DELTA = 0.01
 OVERLAP_NGRAM = 13
 # (name, upper bound) in order; a chunk goes to the first bucket whose bound it does not exceed.
 OVERLAP_BUCKETS = (("0", 0.0), ("<=20%", 0.2), ("<=50%", 0.5), ("<=80%", 0.8), (">80%", 1.0))
@@ -218,7 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
-    p.add_argument("--min-delta", type=float, default=DEFAULT_MIN_DELTA,
+    p.add_argument("--min-delta", type=float, default=retro.MIN_RETRIEVAL_GAIN,
                    help="warn when retrieval-off minus retrieval-on lm loss is below this")
     p.add_argument("--copy-probe", action="store_true",
                    help="also report whether the model copies random text from its context and from "
