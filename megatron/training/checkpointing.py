@@ -14,11 +14,20 @@ final name and DCP's `.metadata` file (written last by DCP).
 DCP stores model and optimizer state under parameter names (get_state_dict strips DDP/FSDP
 wrappers), so a checkpoint loads under another parallel layout. RNG states differ per rank and
 are stored per rank (`rng.rank_<r>`); a run resumed with another world size keeps its fresh RNG.
+
+Loading never runs code from the checkpoint. DCP itself unpickles `.metadata` with `pickle.load`
+and non-tensor entries with `torch.load(weights_only=False)`, so a planted pickle would execute.
+Every reader here (`read_metadata`, `dcp_load`) instead unpickles `.metadata` with an allow-list of
+DCP's metadata classes, and non-tensor entries with torch's weights-only unpickler (plus numpy's
+array classes, for the numpy RNG state); anything else is refused with an error naming the file.
 """
 
 import contextlib
+import io
 import json
 import os
+import pathlib
+import pickle
 import random
 import re
 import shutil
@@ -29,7 +38,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -139,6 +152,95 @@ def _dcp_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint file holds a pickled object outside the allow-list; nothing of it was run."""
+
+
+# What DCP's `.metadata` pickle may name: its metadata dataclasses, the path it records, dtypes.
+_METADATA_GLOBALS = {(cls.__module__, cls.__qualname__): cls for cls in (
+    dcp_metadata.Metadata, dcp_metadata.TensorStorageMetadata, dcp_metadata.BytesStorageMetadata,
+    dcp_metadata.ChunkStorageMetadata, dcp_metadata.TensorProperties, dcp_metadata.MetadataIndex,
+    dcp_metadata.StorageMeta, dcp_metadata._MEM_FORMAT_ENCODING, _StorageInfo,
+    pathlib.PosixPath, pathlib.WindowsPath, torch.Size, torch.device, torch.serialization._get_layout)}
+
+# numpy's RNG state (a uint32 array) is the one non-torch object the non-tensor entries hold.
+_NUMPY_RNG_GLOBALS = [np.ndarray(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    # torch's weights-only unpickler reads only protocol 2; DCP writes `.metadata` in protocol 4.
+    def find_class(self, module, name):
+        if (module, name) in _METADATA_GLOBALS:
+            return _METADATA_GLOBALS[(module, name)]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a DCP metadata class")
+
+
+def read_metadata(path: str) -> dcp_metadata.Metadata:
+    """The DCP metadata of checkpoint directory `path`, unpickled through the allow-list."""
+    metadata_path = os.path.join(path, METADATA_FILE)
+    try:
+        with open(metadata_path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise UntrustedCheckpointError(f"{metadata_path}: refused to load, it is not plain DCP metadata "
+                                       f"({e}); load only checkpoints you trust") from None
+    except (OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{metadata_path}: cannot read the checkpoint's metadata: {e}") from e
+    if not isinstance(metadata, dcp_metadata.Metadata):
+        raise ValueError(f"{metadata_path}: holds a {type(metadata).__name__}, not DCP metadata")
+    return metadata
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader with `.metadata` read (once, already checked) by `read_metadata`."""
+
+    def __init__(self, path: str, metadata: dcp_metadata.Metadata):
+        super().__init__(path)
+        self._metadata = metadata
+
+    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
+        if self._metadata.storage_meta is None:
+            self._metadata.storage_meta = dcp_metadata.StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+
+class _WeightsOnlyPlanner(DefaultLoadPlanner):
+    """DCP's load planner with non-tensor entries read by torch's weights-only unpickler."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._path = path
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+                obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            file = os.path.join(self._path, self.metadata.storage_data[read_item.storage_index].relative_path)
+            raise UntrustedCheckpointError(f"{file}: refused to load entry {fqn!r}, it pickles an object "
+                                           f"outside the allow-list ({e}); load only checkpoints you "
+                                           f"trust") from None
+        set_element(self.original_state_dict, self.mappings[fqn], obj)
+
+
+def dcp_load(payload: dict, path: str):
+    """dcp.load of `payload` from checkpoint directory `path` without running code from it;
+    collective when torch.distributed is initialised."""
+    reader = _SafeReader(path, read_metadata(path))
+    try:
+        with _dcp_quiet():
+            dcp.load(payload, storage_reader=reader, planner=_WeightsOnlyPlanner(path), no_dist=_no_dist())
+    except CheckpointException as e:  # raised on every rank when one failed: show the refusal itself
+        for exc, _ in e.failures.values():
+            if isinstance(exc, UntrustedCheckpointError):
+                raise exc from None
+        raise
 
 
 def rng_state() -> dict:
@@ -267,7 +369,7 @@ def load_checkpoint(root: str, model: torch.nn.Module, optimizer=None, scheduler
     if model_config is not None:
         check_model_config(read_checkpoint_config(path).get("model", {}), model_config, path)
     rank, world_size = _rank_and_world()
-    saved_keys = FileSystemReader(path).read_metadata().state_dict_metadata
+    saved_keys = read_metadata(path).state_dict_metadata
 
     with_optim = load_optim and optimizer is not None
     model_sd, optim_sd = _model_and_optimizer_state(model, optimizer if with_optim else None)
@@ -283,8 +385,7 @@ def load_checkpoint(root: str, model: torch.nn.Module, optimizer=None, scheduler
               f"rank {rank} of {world_size} keeps its freshly seeded RNG", flush=True)
     if restore_rng:
         payload["rng"] = {rng_key: rng_state()}
-    with _dcp_quiet():
-        dcp.load(payload, checkpoint_id=path, no_dist=_no_dist())
+    dcp_load(payload, path)
 
     if with_optim:
         set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"])

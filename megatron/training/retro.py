@@ -13,8 +13,6 @@ import os
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 
 from megatron.data.builder import build_gpt_datasets
 from megatron.data.retro_dataset import RetroDataset
@@ -23,7 +21,13 @@ from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel, retro_flops_per_token
 from megatron.retro.chunk_db import ChunkDB
 from megatron.retro.workdir import WorkDir, check_workdir_matches, expected_for_training, load_workdir_config
-from megatron.training.checkpointing import _dcp_quiet, check_model_config, find_checkpoint, read_checkpoint_config
+from megatron.training.checkpointing import (
+    check_model_config,
+    dcp_load,
+    find_checkpoint,
+    read_checkpoint_config,
+    read_metadata,
+)
 from megatron.training.config import Config
 from megatron.training.flops import gpt_flops_per_token
 from megatron.training.loss import lm_loss
@@ -166,7 +170,7 @@ def load_gpt_into_retro(root: str, model: torch.nn.Module, model_config: dict) -
         raise ValueError(f"{path}: a RETRO checkpoint; --retro-fit-from takes a GPT one")
     check_model_config(saved.get("model", {}), model_config, path)
     saved_names = {key[len("model."):] for key in
-                   FileSystemReader(path).read_metadata().state_dict_metadata if key.startswith("model.")}
+                   read_metadata(path).state_dict_metadata if key.startswith("model.")}
     state = model.state_dict()
     missing = sorted(saved_names - set(state))
     if missing:
@@ -174,8 +178,7 @@ def load_gpt_into_retro(root: str, model: torch.nn.Module, model_config: dict) -
     if not saved_names:
         raise ValueError(f"{path}: holds no model weights")
     payload = {"model": {name: state[name] for name in saved_names}}
-    with _dcp_quiet():
-        dcp.load(payload, checkpoint_id=path, no_dist=not (dist.is_available() and dist.is_initialized()))
+    dcp_load(payload, path)
     with torch.no_grad():
         for name, tensor in payload["model"].items():
             if tensor.data_ptr() != state[name].data_ptr():  # DCP loads in place; copy if it did not

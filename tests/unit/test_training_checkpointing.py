@@ -1,7 +1,10 @@
 """DCP checkpoints: exact round trip, atomic publication, latest pointer, keep-last-N."""
 
 import os
+import pickle
+import re
 import shutil
+import sys
 from dataclasses import asdict
 
 import pytest
@@ -158,3 +161,60 @@ def test_a_different_architecture_is_refused_by_name(tmp_path):
         load_checkpoint(str(tmp_path), model, opt, sched, model_config=other)
     dropout_changed = asdict(MODEL) | {"hidden_dropout": 0.1}
     assert load_checkpoint(str(tmp_path), model, opt, sched, model_config=dropout_changed).iteration == 1
+
+
+class _Planted:
+    """What a malicious checkpoint holds: unpickling it runs code, here creating `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+class _PlantedScheduler:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def state_dict(self):
+        return {"num_steps": _Planted(self.marker)}
+
+
+def _plant_metadata(path, marker):
+    with open(os.path.join(path, ckpt.METADATA_FILE), "wb") as f:
+        pickle.dump(_Planted(marker), f)
+
+
+def _loaders():
+    """Every entry point that reads a checkpoint (evaluate.py, text_generation.py and
+    pretrain_*.py --load go through load_checkpoint)."""
+    from megatron.training import retro
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools", "checkpoint"))
+    import convert
+    return {
+        "load_checkpoint": lambda root, model: load_checkpoint(root, model, load_rng=False),
+        "convert.py": lambda root, model: convert.convert(root, os.path.join(root, "export")),
+        "--retro-fit-from": lambda root, model: retro.load_gpt_into_retro(root, model, asdict(MODEL)),
+    }
+
+
+@pytest.mark.parametrize("entry_point", ["load_checkpoint", "convert.py", "--retro-fit-from"])
+def test_a_planted_metadata_pickle_is_refused_by_every_loader_and_never_runs(tmp_path, entry_point):
+    model, opt, sched = _setup()
+    root = str(tmp_path / "ckpt")
+    path = _save(root, 1, model, opt, sched)
+    marker = str(tmp_path / "pwned")
+    _plant_metadata(path, marker)
+    with pytest.raises(ckpt.UntrustedCheckpointError, match=re.escape(os.path.join(path, ".metadata"))):
+        _loaders()[entry_point](root, model)
+    assert not os.path.exists(marker)
+
+
+def test_a_planted_non_tensor_entry_is_refused_naming_its_file_and_never_runs(tmp_path):
+    model, opt, sched = _setup()
+    planted = _PlantedScheduler(str(tmp_path / "pwned"))
+    path = save_checkpoint(str(tmp_path / "ckpt"), TrainState(1), model, opt, planted, {"model": asdict(MODEL)})
+    with pytest.raises(ckpt.UntrustedCheckpointError, match=re.escape(path) + r".*\.distcp.*scheduler\.num_steps"):
+        load_checkpoint(str(tmp_path / "ckpt"), model, opt, sched)
+    assert not os.path.exists(planted.marker)

@@ -14,12 +14,10 @@ import os
 import sys
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron.training.checkpointing import _dcp_quiet, find_checkpoint, read_checkpoint_config
+from megatron.training.checkpointing import dcp_load, find_checkpoint, read_checkpoint_config, read_metadata
 
 TIED_HEAD = "output.weight"
 MODEL_PREFIX = "model."
@@ -30,14 +28,13 @@ def consolidated_model_state(checkpoint_path: str) -> dict[str, torch.Tensor]:
 
     Only the model's entries are read: empty full-size tensors are allocated from the
     checkpoint's metadata and DCP fills them from whichever shards hold their pieces."""
-    metadata = FileSystemReader(checkpoint_path).read_metadata().state_dict_metadata
+    metadata = read_metadata(checkpoint_path).state_dict_metadata
     state = {key[len(MODEL_PREFIX):]: torch.empty(meta.size, dtype=meta.properties.dtype)
              for key, meta in metadata.items()
              if key.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata)}
     if not state:
         raise ValueError(f"{checkpoint_path}: no model state in this checkpoint")
-    with _dcp_quiet():
-        dcp.load({"model": state}, checkpoint_id=checkpoint_path, no_dist=True)
+    dcp_load({"model": state}, checkpoint_path)
     return state
 
 
