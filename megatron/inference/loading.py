@@ -6,7 +6,7 @@ import dataclasses
 import torch
 
 from megatron.data.tokenizers import build_tokenizer
-from megatron.retro.workdir import check_workdir_matches, load_workdir_config
+from megatron.retro.workdir import check_dataset_fingerprints, check_workdir_matches, load_workdir_config
 from megatron.training import retro
 from megatron.training.checkpointing import find_checkpoint, load_checkpoint
 
@@ -24,6 +24,7 @@ def load_for_generation(load: str, work_dir: str, device=None):
     wd_cfg = load_workdir_config(work_dir)
     check_workdir_matches(wd_cfg, tokenizer_fingerprint=tokenizer.fingerprint(),
                           chunk_length=cfg.extra["retro"].model.chunk_length)
+    check_dataset_fingerprints(wd_cfg)  # neighbours' text is read from the DB datasets
     cfg.extra["retro"].fit_from = None  # the checkpoint holds every parameter
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with torch.device(device):

@@ -22,17 +22,19 @@ from megatron.retro.embedder import BertEmbedder, chunk_texts, embed_chunk_db, r
 from megatron.retro.index import add_to_index, choose_index_str, load_index, train_index
 from megatron.retro.query import Searcher, assemble_neighbors, query_split
 from megatron.retro.verify import verify
-from megatron.retro.workdir import (CONFIG_NAME, FORMAT_VERSION, WorkDir, check_workdir_matches,
-                                    load_workdir_config, normalize_data_path, remove_leftover_temp_files,
-                                    write_json)
+from megatron.retro.workdir import (CONFIG_NAME, FORMAT_VERSION, WorkDir, check_dataset_fingerprints,
+                                    check_workdir_matches, dataset_fingerprints, load_workdir_config,
+                                    normalize_data_path, remove_leftover_temp_files, write_json)
 from megatron.training.config import DataConfig
 
 TASKS = ("db-build", "index-train", "index-add", "query-neighbors", "verify")
 TASK_GROUPS = {"build": TASKS, "index-build": ("index-train", "index-add"),
                "query-pretraining-neighbors": ("query-neighbors",)}  # Megatron-LM's name
 SPLITS_WITH_NEIGHBORS = ("train", "valid")
-# Recorded for the record only: a different version may still read the work dir.
-UNCHECKED_FIELDS = ("format_version", "library_version", "tokenizer", "retriever_model", "index_str")
+# Recorded for the record only: a different version may still read the work dir. (Dataset
+# fingerprints are checked apart, naming the changed dataset's files.)
+UNCHECKED_FIELDS = ("format_version", "library_version", "tokenizer", "retriever_model", "index_str",
+                    "dataset_fingerprints")
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -125,6 +127,7 @@ def describe_build(args, tokenizer) -> dict:
         "db_documents": "all documents of --retro-db-data-path" if args.retro_db_data_path
         else "train split of --data-path",
         "db_datasets": db_datasets,
+        "dataset_fingerprints": dataset_fingerprints(dict.fromkeys(d["path"] for d in datasets + db_datasets)),
         "retriever_model": os.path.abspath(args.retro_bert_model),
         "retriever_fingerprint": retriever["fingerprint"],
         "embedding_dim": retriever["embedding_dim"],
@@ -154,6 +157,7 @@ def prepare_workdir(work_dir: str, expected: dict) -> dict:
         return expected
     cfg = load_workdir_config(work_dir)
     check_workdir_matches(cfg, **{k: v for k, v in expected.items() if k not in UNCHECKED_FIELDS})
+    check_dataset_fingerprints(cfg, expected["dataset_fingerprints"])
     wanted = expected["index_str"]
     recorded = cfg.get("chosen_index_str") or cfg.get("index_str")
     if wanted is not None and recorded is not None and wanted != recorded:

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from megatron.data.blended_dataset import parse_data_path
+from megatron.data.indexed_dataset import content_fingerprint
 
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
@@ -173,6 +174,31 @@ def check_workdir_matches(cfg: dict, **expected) -> None:
             raise ValueError(f"retro work dir does not match: {field} is {have!r} in the work dir "
                              f"but {want!r} here; use the arguments it was built with or a new "
                              f"--retro-work-dir")
+
+
+def dataset_fingerprints(prefixes) -> dict:
+    """{absolute prefix: content_fingerprint} of these indexed datasets, for config.json."""
+    return {os.path.abspath(p): content_fingerprint(p) for p in prefixes}
+
+
+def check_dataset_fingerprints(cfg: dict, current: dict | None = None) -> None:
+    """Refuse, naming its files, an indexed dataset whose content differs from the fingerprint
+    the work dir recorded at build time (content_fingerprint says what that catches): its
+    chunks, embeddings and neighbours would belong to other text. `current` holds fingerprints
+    already computed; the others are computed here. A work dir built before fingerprints were
+    recorded has none to check."""
+    recorded = cfg.get("dataset_fingerprints")
+    if recorded is None:
+        print("note: this retro work dir records no dataset fingerprints (built by an older "
+              "version), so data changed in place goes unnoticed; rebuild it to get the check", flush=True)
+        return
+    current = current or {}
+    for prefix, want in recorded.items():
+        have = current.get(prefix) or content_fingerprint(prefix)
+        if have != want:
+            raise ValueError(f"{prefix}.bin / {prefix}.idx: content changed since the retro work dir was "
+                             f"built (fingerprint {want} recorded, {have} now); restore the data or "
+                             f"rebuild the work dir")
 
 
 def expected_for_training(data, seq_length: int, seed: int, train_samples: int, valid_samples: int,

@@ -20,7 +20,13 @@ from megatron.models.gpt.model import GPTModel
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel, retro_flops_per_token
 from megatron.retro.chunk_db import ChunkDB
-from megatron.retro.workdir import WorkDir, check_workdir_matches, expected_for_training, load_workdir_config
+from megatron.retro.workdir import (
+    WorkDir,
+    check_dataset_fingerprints,
+    check_workdir_matches,
+    expected_for_training,
+    load_workdir_config,
+)
 from megatron.training.checkpointing import (
     check_model_config,
     dcp_load,
@@ -110,6 +116,7 @@ def prepare(cfg: Config) -> dict:
     train, valid, _ = sample_counts(cfg)
     check_workdir_matches(wd_cfg, **expected_for_training(
         d, cfg.model.seq_length, cfg.training.seed, train, valid, tokenizer.fingerprint()))
+    check_dataset_fingerprints(wd_cfg)
     saved_k = wd_cfg["num_neighbors_save"]
     if retro.model.num_neighbors > saved_k:
         raise SystemExit(f"error: --retro-num-neighbors {retro.model.num_neighbors} exceeds the "

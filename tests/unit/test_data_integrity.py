@@ -1,0 +1,105 @@
+"""Data that changed under a work dir, and token ids outside the vocabulary, are refused at
+start-up naming the file."""
+
+import json
+import os
+import sysconfig
+
+import numpy as np
+import pytest
+
+from megatron.data.indexed_dataset import (FINGERPRINT_PAGE_BYTES, FINGERPRINT_PAGES, IndexedDatasetBuilder,
+                                           content_fingerprint)
+from megatron.data.tokenizers import build_tokenizer
+from megatron.retro.tasks import describe_build
+from megatron.retro.workdir import WorkDir, write_json
+from megatron.training import retro
+from megatron.training.arguments import parse_args
+from tools.preprocess_data import preprocess
+from tools.retro.preprocess_data import parse_args as parse_build_args
+from tools.train_tokenizer import train_tokenizer
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tokenizer and an indexed dataset tokenized with it (a few stdlib files)."""
+    root = tmp_path_factory.mktemp("integrity")
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for name in ("bisect.py", "colorsys.py", "fnmatch.py", "keyword.py", "glob.py"):
+            with open(os.path.join(STDLIB, name), encoding="utf-8") as src:
+                f.write(json.dumps({"text": src.read()[:3000]}) + "\n")
+    train_tokenizer(str(root / "corpus.jsonl"), ["text"], 400, str(root / "tok"))
+    tokenizer_args = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(root / "tok")}
+    preprocess(str(root / "corpus.jsonl"), str(root / "data"), ["text"], tokenizer_args, append_eod=True)
+    return {"root": root, "tok": str(root / "tok"), "prefix": str(root / "data_text_document")}
+
+
+def common_args(data):
+    return ["--data-path", data["prefix"], "--split", "80,20,0", "--seq-length", "32", "--tokenizer-type",
+            "HuggingFaceTokenizer", "--tokenizer-model", data["tok"], "--train-iters", "4",
+            "--global-batch-size", "2", "--eval-iters", "0"]
+
+
+def built_work_dir(data, name):
+    """A work dir's config.json as its build writes it first (the tasks themselves are not run)."""
+    wd = data["root"] / name
+    args = parse_build_args(["--retro-work-dir", str(wd), "--retro-gpt-chunk-length", "16", *common_args(data)])
+    write_json(WorkDir(str(wd)).config, describe_build(args, build_tokenizer("HuggingFaceTokenizer", data["tok"])))
+    return wd
+
+
+def training_config(data, wd):
+    return parse_args(["--retro-add-retriever", "--retro-work-dir", str(wd), "--micro-batch-size", "2",
+                       "--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
+                       *common_args(data)],
+                      extra_args_provider=retro.add_retro_args, extra_config_provider=retro.retro_config_from_args)
+
+
+def rewrite_tokens_in_place(prefix, vocab_size, start=0, stop=None):
+    """What the audit did: other token values, same sizes (the .idx is untouched)."""
+    tokens = np.fromfile(prefix + ".bin", dtype=np.uint16)
+    tokens[start:stop] = (tokens[start:stop] + 1) % vocab_size
+    tokens.tofile(prefix + ".bin")
+
+
+def test_data_changed_in_place_under_a_work_dir_is_refused_naming_the_file(data, tmp_path):
+    wd = built_work_dir(data, "wd_fingerprint")
+    recorded = json.loads((wd / "config.json").read_text())["dataset_fingerprints"]
+    assert recorded == {data["prefix"]: content_fingerprint(data["prefix"])}
+    retro.prepare(training_config(data, wd))  # training (and evaluate.py) start: unchanged data passes
+
+    original = open(data["prefix"] + ".bin", "rb").read()
+    try:
+        rewrite_tokens_in_place(data["prefix"], 400)
+        with pytest.raises(ValueError, match=f"{data['prefix']}.bin .*content changed since the retro work dir"):
+            retro.prepare(training_config(data, wd))
+    finally:
+        with open(data["prefix"] + ".bin", "wb") as f:
+            f.write(original)
+
+
+def write_dataset(prefix, tokens):
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    builder.add_document(tokens)
+    builder.finalize(prefix + ".idx")
+
+
+def test_fingerprint_of_a_large_bin_catches_what_its_docstring_promises(tmp_path):
+    """Past FINGERPRINT_PAGES pages only sampled pages are read: a rewrite longer than the
+    spacing between them is caught wherever it lies, a one-token edit between them is not."""
+    prefix = str(tmp_path / "big")
+    num_tokens = 3 * FINGERPRINT_PAGES * FINGERPRINT_PAGE_BYTES // 2  # ~3 pages between samples
+    write_dataset(prefix, np.arange(num_tokens) % 1000)
+    before = content_fingerprint(prefix)
+    longer_than_spacing = num_tokens // (FINGERPRINT_PAGES - 1) + FINGERPRINT_PAGE_BYTES // 2
+    for start in (0, num_tokens // 3 + 123, num_tokens - longer_than_spacing):
+        write_dataset(prefix, np.arange(num_tokens) % 1000)
+        rewrite_tokens_in_place(prefix, 1000, start, start + longer_than_spacing)
+        assert content_fingerprint(prefix) != before, start
+    write_dataset(prefix, np.arange(num_tokens) % 1000)
+    assert content_fingerprint(prefix) == before
+    page_2 = 2 * FINGERPRINT_PAGE_BYTES // 2  # a token of page 2, between sampled pages 0 and 3
+    rewrite_tokens_in_place(prefix, 1000, page_2, page_2 + 1)
+    assert content_fingerprint(prefix) == before
