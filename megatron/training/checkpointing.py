@@ -354,20 +354,42 @@ def check_model_config(saved: dict, current: dict, path: str):
                              f"this run has {name}={current.get(name)!r}")
 
 
+def saved_add_retriever(config: dict) -> bool:
+    """Whether a checkpoint's config.json is a RETRO's (pretrain_gpt.py's have no retro section)."""
+    return bool(config.get("extra", {}).get("retro", {}).get("add_retriever"))
+
+
+def check_retriever(saved: dict, add_retriever: bool, path: str):
+    """Refuse a RETRO checkpoint for a GPT and the other way round, naming the flag: the model
+    section alone is the same for both."""
+    if saved_add_retriever(saved) and not add_retriever:
+        raise ValueError(f"{path}: a RETRO checkpoint (trained with --retro-add-retriever) and this run "
+                         f"builds a GPT: add --retro-add-retriever to load it")
+    if add_retriever and not saved_add_retriever(saved):
+        raise ValueError(f"{path}: a GPT checkpoint (trained without --retro-add-retriever) and this run "
+                         f"builds a RETRO (--retro-add-retriever): drop the flag, or RETRO-fit the GPT with "
+                         f"--retro-fit-from")
+
+
 def load_checkpoint(root: str, model: torch.nn.Module, optimizer=None, scheduler=None, *,
                     step: int | None = None, load_optim: bool = True, load_rng: bool = True,
-                    model_config: dict | None = None) -> TrainState | None:
+                    model_config: dict | None = None, add_retriever: bool | None = None) -> TrainState | None:
     """Load the checkpoint `find_checkpoint(root, step)` chooses into model (and optimizer,
     scheduler, RNG); collective over all ranks. None when `root` holds no checkpoint.
 
     model_config: the current model section (as a dict) to check the checkpoint's against.
+    add_retriever: whether `model` is a RETRO, checked against the checkpoint (None: unchecked).
     """
     found = find_checkpoint(root, step)
     if found is None:
         return None
     iteration, path = found
-    if model_config is not None:
-        check_model_config(read_checkpoint_config(path).get("model", {}), model_config, path)
+    if add_retriever is not None or model_config is not None:
+        saved = read_checkpoint_config(path)
+        if add_retriever is not None:
+            check_retriever(saved, add_retriever, path)
+        if model_config is not None:
+            check_model_config(saved.get("model", {}), model_config, path)
     rank, world_size = _rank_and_world()
     saved_keys = read_metadata(path).state_dict_metadata
 

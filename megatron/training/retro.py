@@ -33,6 +33,7 @@ from megatron.training.checkpointing import (
     find_checkpoint,
     read_checkpoint_config,
     read_metadata,
+    saved_add_retriever,
 )
 from megatron.training.config import Config
 from megatron.training.flops import gpt_flops_per_token
@@ -173,7 +174,7 @@ def load_gpt_into_retro(root: str, model: torch.nn.Module, model_config: dict) -
         raise ValueError(f"{root}: no complete checkpoint to RETRO-fit from (--retro-fit-from)")
     _, path = found
     saved = read_checkpoint_config(path)
-    if saved.get("extra", {}).get("retro", {}).get("add_retriever"):
+    if saved_add_retriever(saved):
         raise ValueError(f"{path}: a RETRO checkpoint; --retro-fit-from takes a GPT one")
     check_model_config(saved.get("model", {}), model_config, path)
     saved_names = {key[len("model."):] for key in

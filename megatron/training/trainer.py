@@ -94,6 +94,13 @@ def sample_counts(cfg: Config) -> tuple[int, int, int]:
     return train, valid, test
 
 
+def _is_retro(cfg: Config) -> bool:
+    """Whether this run builds a RETRO (pretrain_retro.py --retro-add-retriever); pretrain_gpt.py
+    has no retro section."""
+    retro = cfg.extra.get("retro")
+    return bool(retro is not None and retro.add_retriever)
+
+
 def resolve_batch_sizes(cfg: Config, dp_size: int) -> int:
     """Fills in the global batch size; returns the number of micro-batches per iteration (and
     rank). Idempotent: a pipelined parallelize_fn calls it too, to build its schedule."""
@@ -332,7 +339,7 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
     if ck.load:
         loaded = load_checkpoint(ck.load, par.model, optimizer, scheduler, step=ck.ckpt_step,
                                  load_optim=not ck.no_load_optim, load_rng=not ck.no_load_rng,
-                                 model_config=asdict(cfg.model))
+                                 model_config=asdict(cfg.model), add_retriever=_is_retro(cfg))
         if loaded is None:
             say(f"WARNING: no checkpoint found in {ck.load}; training from scratch")
         else:

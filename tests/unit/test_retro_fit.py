@@ -140,3 +140,12 @@ def test_retro_fit_from_refuses_a_retro_checkpoint_and_another_architecture(gpt_
         retro.load_gpt_into_retro(gpt_dir, RetroModel(wider, cfg.extra["retro"].model), dataclasses.asdict(wider))
     with pytest.raises(ValueError, match="no complete checkpoint"):
         retro.load_gpt_into_retro(str(tmp_path / "none"), model, dataclasses.asdict(cfg.model))
+
+
+def test_a_gpt_run_refuses_a_retro_checkpoint_and_a_retro_run_a_gpt_one_naming_the_flag(gpt_checkpoint, tmp_path):
+    gpt_dir, _ = gpt_checkpoint
+    run(config(True, 1, "--save", str(tmp_path / "r")))
+    with pytest.raises(ValueError, match="RETRO checkpoint.*add --retro-add-retriever"):
+        run(config(False, 2, "--load", str(tmp_path / "r")))
+    with pytest.raises(ValueError, match="GPT checkpoint.*--retro-add-retriever.*--retro-fit-from"):
+        run(config(True, 9, "--load", gpt_dir))
