@@ -13,7 +13,8 @@ by megatron.parallel from outside the model.
 
 import sys
 
-from megatron.data.builder import build_gpt_datasets
+from megatron.data.blended_dataset import parse_data_path
+from megatron.data.builder import build_gpt_datasets, check_token_ids
 from megatron.models.gpt.model import GPTModel
 from megatron.parallel.parallelize import parallelize_fn
 from megatron.training.arguments import parse_args
@@ -43,7 +44,9 @@ def main(argv=None) -> dict:
     cfg = parse_args(argv)
     if not cfg.data.data_path:
         raise SystemExit("error: --data-path is required")
-    build_run_tokenizer(cfg)
+    tokenizer = build_run_tokenizer(cfg)
+    check_token_ids([prefix for _, prefix in parse_data_path(cfg.data.data_path)], tokenizer.vocab_size,
+                    cfg.data.tokenizer_model or cfg.data.vocab_file)
     return pretrain(cfg, model_provider, forward_step, datasets_provider,
                     flops_per_token=gpt_flops_per_token(cfg.model), parallelize_fn=parallelize_fn)
 

@@ -7,6 +7,7 @@ function of the arguments, so preprocessing and training build identical dataset
 """
 
 import math
+import os
 
 import numpy as np
 
@@ -26,6 +27,19 @@ def _open_indexed(prefix: str) -> tuple[IndexedDataset, int]:
         raise ValueError(f"{prefix}.idx: {len(indexed)} sequences in {num_documents} documents; "
                          f"expected one sequence per document")
     return indexed, num_documents
+
+
+def check_token_ids(prefixes, vocab_size: int, tokenizer: str | None) -> None:
+    """Refuse, naming the file, a dataset holding a token id the vocabulary does not have (data
+    tokenized with a larger tokenizer, or corrupt values): the embedding lookup would fail with a
+    bare IndexError, or not at all when no sampled batch hits the id. Once at start-up; it reads
+    each .bin whole (IndexedDataset.max_token)."""
+    for prefix in dict.fromkeys(os.path.abspath(p) for p in prefixes):
+        largest = IndexedDataset(prefix).max_token()
+        if largest >= vocab_size:
+            raise ValueError(f"{prefix}.bin: holds token id {largest}, outside the vocabulary of "
+                             f"{vocab_size} tokens of the tokenizer {tokenizer}; tokenize the data with "
+                             f"this tokenizer (tools/preprocess_data.py) or give the one it was made with")
 
 
 def build_gpt_datasets(data: DataConfig, seq_length: int, num_samples: tuple[int, int, int], seed: int):

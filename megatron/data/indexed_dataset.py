@@ -258,6 +258,13 @@ class IndexedDataset:
         start = int(self.sequence_pointers[i]) + offset * self.dtype.itemsize
         return np.frombuffer(self._bin_buffer, dtype=self.dtype, count=length, offset=start)
 
+    def max_token(self) -> int:
+        """The largest token id in the .bin (-1 when empty). Reads the whole file once, in 64 MiB
+        slices, so memory stays bounded whatever its size."""
+        tokens = np.frombuffer(self._bin_buffer, dtype=self.dtype)
+        step = (64 << 20) // self.dtype.itemsize
+        return max((int(tokens[i:i + step].max()) for i in range(0, len(tokens), step)), default=-1)
+
     # mmap objects cannot be pickled; DataLoader workers reopen the files instead.
     def __getstate__(self):
         return {"path_prefix": self.path_prefix}

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.data.builder import build_gpt_datasets
+from megatron.data.blended_dataset import parse_data_path
+from megatron.data.builder import build_gpt_datasets, check_token_ids
 from megatron.data.retro_dataset import RetroDataset
 from megatron.models.gpt.model import GPTModel
 from megatron.models.retro.config import RetroConfig
@@ -118,6 +119,9 @@ def prepare(cfg: Config) -> dict:
     check_workdir_matches(wd_cfg, **expected_for_training(
         d, cfg.model.seq_length, cfg.training.seed, train, valid, tokenizer.fingerprint()))
     check_dataset_fingerprints(wd_cfg)
+    check_token_ids([prefix for _, prefix in parse_data_path(d.data_path)] +
+                    [entry["path"] for entry in wd_cfg["db_datasets"]],
+                    tokenizer.vocab_size, d.tokenizer_model or d.vocab_file)
     saved_k = wd_cfg["num_neighbors_save"]
     if retro.model.num_neighbors > saved_k:
         raise SystemExit(f"error: --retro-num-neighbors {retro.model.num_neighbors} exceeds the "

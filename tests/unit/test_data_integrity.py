@@ -8,6 +8,7 @@ import sysconfig
 import numpy as np
 import pytest
 
+from megatron.data.builder import check_token_ids
 from megatron.data.indexed_dataset import (FINGERPRINT_PAGE_BYTES, FINGERPRINT_PAGES, IndexedDatasetBuilder,
                                            content_fingerprint)
 from megatron.data.tokenizers import build_tokenizer
@@ -15,6 +16,7 @@ from megatron.retro.tasks import describe_build
 from megatron.retro.workdir import WorkDir, write_json
 from megatron.training import retro
 from megatron.training.arguments import parse_args
+from pretrain_gpt import main as pretrain_gpt
 from tools.preprocess_data import preprocess
 from tools.retro.preprocess_data import parse_args as parse_build_args
 from tools.train_tokenizer import train_tokenizer
@@ -36,24 +38,25 @@ def data(tmp_path_factory):
     return {"root": root, "tok": str(root / "tok"), "prefix": str(root / "data_text_document")}
 
 
-def common_args(data):
-    return ["--data-path", data["prefix"], "--split", "80,20,0", "--seq-length", "32", "--tokenizer-type",
+def common_args(data, prefix=None):
+    return ["--data-path", prefix or data["prefix"], "--split", "80,20,0", "--seq-length", "32", "--tokenizer-type",
             "HuggingFaceTokenizer", "--tokenizer-model", data["tok"], "--train-iters", "4",
             "--global-batch-size", "2", "--eval-iters", "0"]
 
 
-def built_work_dir(data, name):
+def built_work_dir(data, name, prefix=None):
     """A work dir's config.json as its build writes it first (the tasks themselves are not run)."""
     wd = data["root"] / name
-    args = parse_build_args(["--retro-work-dir", str(wd), "--retro-gpt-chunk-length", "16", *common_args(data)])
+    args = parse_build_args(["--retro-work-dir", str(wd), "--retro-gpt-chunk-length", "16",
+                             *common_args(data, prefix)])
     write_json(WorkDir(str(wd)).config, describe_build(args, build_tokenizer("HuggingFaceTokenizer", data["tok"])))
     return wd
 
 
-def training_config(data, wd):
+def training_config(data, wd, prefix=None):
     return parse_args(["--retro-add-retriever", "--retro-work-dir", str(wd), "--micro-batch-size", "2",
                        "--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
-                       *common_args(data)],
+                       *common_args(data, prefix)],
                       extra_args_provider=retro.add_retro_args, extra_config_provider=retro.retro_config_from_args)
 
 
@@ -103,3 +106,19 @@ def test_fingerprint_of_a_large_bin_catches_what_its_docstring_promises(tmp_path
     page_2 = 2 * FINGERPRINT_PAGE_BYTES // 2  # a token of page 2, between sampled pages 0 and 3
     rewrite_tokens_in_place(prefix, 1000, page_2, page_2 + 1)
     assert content_fingerprint(prefix) == before
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_at_start_up_naming_the_file(data):
+    vocab = build_tokenizer("HuggingFaceTokenizer", data["tok"]).vocab_size
+    tokens = np.fromfile(data["prefix"] + ".bin", dtype=np.uint16)
+    inside, outside = str(data["root"] / "inside"), str(data["root"] / "outside")
+    write_dataset(inside, np.append(tokens, vocab - 1))
+    check_token_ids([inside], vocab, data["tok"])
+    write_dataset(outside, np.insert(tokens, 7, vocab))  # e.g. tokenized with a larger tokenizer
+    message = f"{outside}.bin: holds token id {vocab}, outside the vocabulary of {vocab} tokens of the tokenizer"
+    with pytest.raises(ValueError, match=message):
+        pretrain_gpt(["--micro-batch-size", "2", "--num-layers", "1", "--hidden-size", "16",
+                      "--num-attention-heads", "2", *common_args(data, outside)])
+    wd = built_work_dir(data, "wd_vocab", outside)
+    with pytest.raises(ValueError, match=message):
+        retro.prepare(training_config(data, wd, outside))
