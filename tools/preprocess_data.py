@@ -4,10 +4,11 @@
         --json-keys text --tokenizer-type HuggingFaceTokenizer --tokenizer-model tok/ \\
         --append-eod --workers 4
 
-writes data/corpus_text_document.bin/.idx (one pair per --json-keys key). Sequence i is line i of
-the input, whatever the number of workers. A bad line stops the run with "FILE:LINE: problem"
-and leaves nothing under the output prefix: files are written under temporary names and only
-renamed into place once every line has been tokenized.
+writes data/corpus_text_document.bin/.idx (one pair per --json-keys key). Sequence i is the i-th
+non-blank line of the input, whatever the number of workers. A bad line stops the run with
+"FILE:LINE: problem" and leaves nothing under the output prefix: files are written under
+temporary names and only renamed into place once every line has been tokenized; those a killed
+run left behind are removed by the next.
 """
 
 import argparse
@@ -21,7 +22,7 @@ from multiprocessing import Pool
 import numpy as np
 from tqdm import tqdm
 
-from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype
+from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype, remove_stale_temp_files
 from megatron.data.jsonl import texts_of_line
 from megatron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 
@@ -114,20 +115,26 @@ def preprocess(input_path: str, output_prefix: str, json_keys: list[str], tokeni
     encoder_args = (tokenizer_kwargs, json_keys, append_eod, dtype)
     prefixes = {key: output_prefix_for_key(output_prefix, key) for key in json_keys}
     num_tokens = dict.fromkeys(json_keys, 0)
+    removed = sum(remove_stale_temp_files(prefix + suffix)
+                  for prefix in prefixes.values() for suffix in (".bin", ".idx"))
+    if removed:
+        print(f"removed {removed} temporary files a killed run left beside {output_prefix}", file=sys.stderr)
     num_documents = 0
     with contextlib.ExitStack() as stack:
         builders = {key: stack.enter_context(IndexedDatasetBuilder(prefixes[key] + ".bin", dtype))
                     for key in json_keys}
-        lines = stack.enter_context(open(input_path, "rb"))
+        # Numbered before blank lines (a trailing newline, say) are dropped, so errors name the line.
+        lines = ((n, line) for n, line in enumerate(stack.enter_context(open(input_path, "rb")), start=1)
+                 if line.strip())
         if workers > 1:
             pool = stack.enter_context(Pool(workers, initializer=_init_encoder, initargs=encoder_args))
-            feed = _BoundedFeed(enumerate(lines, start=1), limit=4 * CHUNKSIZE * workers)
+            feed = _BoundedFeed(lines, limit=4 * CHUNKSIZE * workers)
             stack.callback(feed.stop)  # runs before the pool is terminated
             results = pool.imap(_encode_numbered_line, feed, chunksize=CHUNKSIZE)
         else:
             feed = None
             _init_encoder(*encoder_args)
-            results = map(_encode_numbered_line, enumerate(lines, start=1))
+            results = map(_encode_numbered_line, lines)
 
         progress = stack.enter_context(tqdm(desc=os.path.basename(input_path), unit=" docs", file=sys.stderr))
         start = time.perf_counter()

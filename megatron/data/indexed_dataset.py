@@ -19,6 +19,7 @@ import hashlib
 import mmap
 import operator
 import os
+import re
 import struct
 import uuid
 
@@ -83,6 +84,30 @@ def _temp_path_beside(path: str) -> str:
     """An unused name next to `path` (same filesystem, so os.replace is atomic). Not mkstemp:
     its 0600 mode would stick to the renamed file."""
     return f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def remove_stale_temp_files(path: str) -> int:
+    """Delete the temporary files `_temp_path_beside(path)` made for processes that no longer run
+    (a build killed with -9 leaves them); a live process's are kept. Returns how many went."""
+    directory, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(name) + r"\.(\d+)\.[0-9a-f]{8}\.tmp")
+    removed = 0
+    for entry in os.listdir(directory) if os.path.isdir(directory) else ():
+        match = pattern.fullmatch(entry)
+        if match and not _process_alive(int(match.group(1))):
+            os.remove(os.path.join(directory, entry))
+            removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 class IndexedDatasetBuilder:

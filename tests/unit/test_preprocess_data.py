@@ -184,3 +184,20 @@ def test_corpus_from_files_defaults_to_the_stdlib(tmp_path, capsys):
     all_ids = [doc_id for doc_id, _ in find_files(STDLIB, "*.py")]
     assert "os.py" in all_ids
     assert not any("site-packages/" in doc_id for doc_id in all_ids)
+
+
+def test_blank_lines_are_skipped_and_a_killed_runs_temporary_files_removed(tokenizer_dir, tmp_path):
+    corpus = tmp_path / "blank.jsonl"
+    corpus.write_text('{"text": "first"}\n\n   \n{"text": "second"}\n\n', encoding="utf-8")
+    output = tmp_path / "out"
+    output.mkdir()
+    dead = output / "corpus_text_document.bin.999999999.0123abcd.tmp"  # no such process: kill -9 debris
+    live = output / f"corpus_text_document.idx.{os.getpid()}.0123abcd.tmp"  # a running build's: kept
+    dead.write_bytes(b"partial")
+    live.write_bytes(b"in use")
+    tokenizer_kwargs = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": tokenizer_dir}
+    assert preprocess(str(corpus), str(output / "corpus"), ["text"], tokenizer_kwargs)["text"][0] == 2
+    tokenizer = build_tokenizer(**tokenizer_kwargs)
+    ds = IndexedDataset(str(output / "corpus_text_document"))
+    assert [ds[i].tolist() for i in range(len(ds))] == [tokenizer.tokenize("first"), tokenizer.tokenize("second")]
+    assert sorted(os.listdir(output)) == ["corpus_text_document.bin", "corpus_text_document.idx", live.name]
