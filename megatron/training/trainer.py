@@ -376,6 +376,8 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
 
     def save():
         nonlocal last_saved
+        # Megatron's line before the save too: a run killed while saving says where it was.
+        say(f"saving checkpoint at iteration {state.iteration:7d} to {ck.save}")
         save_checkpoint(ck.save, state, par.model, optimizer, scheduler, config_dict, keep_last_n=ck.keep_last_n)
         last_saved = state.iteration
         say(f"  successfully saved checkpoint at iteration {state.iteration:7d} to {ck.save}")

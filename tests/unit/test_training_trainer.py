@@ -91,10 +91,13 @@ def test_gradient_accumulation_matches_one_big_micro_batch():
     assert a == pytest.approx(b, rel=1e-5)
 
 
-def test_exit_then_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+def test_exit_then_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, capsys):
     full = _run()
+    capsys.readouterr()
     first = _run("--save", str(tmp_path), "--exit-interval", "3")
     assert first["iteration"] == 3 and (tmp_path / "iter_0000003").is_dir()
+    saving = f"saving checkpoint at iteration       3 to {tmp_path}\n  successfully saved checkpoint at iteration"
+    assert saving in capsys.readouterr().out  # Megatron's two lines around the save
     resumed = _run("--load", str(tmp_path), "--save", str(tmp_path))
     assert resumed["train_history"] == full["train_history"][3:]  # exact floats
     assert resumed["validation_history"] == full["validation_history"][1:]
