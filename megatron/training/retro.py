@@ -212,7 +212,15 @@ def load_neighbors(work_dir: str, split: str) -> np.ndarray:
     path = WorkDir(work_dir).neighbors(split)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: not found; run tools/retro/preprocess_data.py --retro-tasks query-neighbors")
-    return np.load(path, mmap_mode="r")
+    try:
+        neighbors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:  # numpy's own message (e.g. a truncated file) names no file
+        raise ValueError(f"{path}: damaged neighbour file ({e}); delete it and rerun "
+                         f"tools/retro/preprocess_data.py --retro-tasks query-neighbors") from None
+    if neighbors.dtype != np.int64 or neighbors.ndim != 3:
+        raise ValueError(f"{path}: expected int64 [samples, chunks, k] neighbours, found {neighbors.dtype} "
+                         f"{list(neighbors.shape)}; delete it and rerun --retro-tasks query-neighbors")
+    return neighbors
 
 
 def datasets(cfg: Config, num_samples, retrieval: str = "on", training: bool = True):

@@ -122,3 +122,17 @@ def test_token_ids_outside_the_vocabulary_are_refused_at_start_up_naming_the_fil
     wd = built_work_dir(data, "wd_vocab", outside)
     with pytest.raises(ValueError, match=message):
         retro.prepare(training_config(data, wd, outside))
+
+
+def test_a_truncated_or_foreign_neighbour_file_is_named(tmp_path):
+    wd = WorkDir(str(tmp_path))
+    os.makedirs(wd.neighbors_dir)
+    np.save(wd.neighbors("train"), np.zeros((50, 4, 2), dtype=np.int64))
+    assert retro.load_neighbors(wd.root, "train").shape == (50, 4, 2)
+    with open(wd.neighbors("train"), "r+b") as f:
+        f.truncate(os.path.getsize(wd.neighbors("train")) // 2)
+    with pytest.raises(ValueError, match=f"{wd.neighbors('train')}: damaged neighbour file"):
+        retro.load_neighbors(wd.root, "train")
+    np.save(wd.neighbors("train"), np.zeros((50, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match=f"{wd.neighbors('train')}: expected int64"):
+        retro.load_neighbors(wd.root, "train")
