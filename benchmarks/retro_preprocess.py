@@ -153,7 +153,7 @@ def main():
     embedder = BertEmbedder(cfg["retriever_model"], cfg["bert_max_chunk_length"], 128)
     pipeline, bare, preparation = embedding_rates(db, tokenizer, embedder, args.embedding_sample)
 
-    index = load_index(work_dir, db.num_chunks, cfg["nprobe"], cfg["ef_search"])
+    index = load_index(work_dir, db.num_chunks, cfg["embedding_dim"], cfg["nprobe"], cfg["ef_search"])
     # DB embeddings as queries: the same distribution as sample chunks.
     blocks = iter_embedding_blocks(work_dir, db, cfg["embedding_dim"], cfg["block_size"])
     queries = next(blocks)[1][:2048]

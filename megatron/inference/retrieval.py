@@ -44,7 +44,8 @@ class LiveRetriever:
                 raise ValueError(f"{model_dir}: the retriever model changed since the work dir {work_dir} "
                                  f"was embedded with it (retriever_fingerprint differs)")
             self.embedder = BertEmbedder(model_dir, cfg["bert_max_chunk_length"], embed_batch_size, device)
-            self.index = load_index(work_dir, self.db.num_chunks, cfg["nprobe"], cfg["ef_search"])
+            self.index = load_index(work_dir, self.db.num_chunks, cfg["embedding_dim"], cfg["nprobe"],
+                                    cfg["ef_search"])
             self.num_candidates = max(num_neighbors, min(cfg["num_neighbors_query"], self.index.ntotal))
         self.seconds = 0.0  # time spent retrieving, for the benchmark's retrieval share
 

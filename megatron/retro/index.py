@@ -123,7 +123,10 @@ def add_to_index(work_dir: str, db, dim: int, block_size: int) -> None:
     wd = WorkDir(work_dir)
     if not os.path.isfile(wd.trained_index):
         raise ValueError(f"{wd.trained_index}: not found; run --retro-tasks index-train first")
-    index = faiss.read_index(wd.trained_index)
+    try:
+        index = read_index_checked(wd.trained_index, 0, dim)
+    except ValueError as e:
+        raise ValueError(f"{e}; rerun --retro-tasks index-train to train it again") from None
     with tqdm(total=db.num_chunks, desc="adding to index", unit=" chunks") as progress:
         for _, vectors in iter_embedding_blocks(work_dir, db, dim, block_size):
             index.add(vectors)
@@ -133,15 +136,29 @@ def add_to_index(work_dir: str, db, dim: int, block_size: int) -> None:
     log(f"index: wrote {wd.index} ({index.ntotal} vectors)")
 
 
-def load_index(work_dir: str, num_chunks: int, nprobe: int, ef_search: int):
+def read_index_checked(path: str, ntotal: int, dim: int):
+    """The faiss index at `path`; ValueError naming the file when faiss cannot read it (truncated,
+    corrupt) or it is not a trained index of `ntotal` vectors of dimension `dim`."""
+    try:
+        index = faiss.read_index(path)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: damaged index, unreadable ({str(e).strip().splitlines()[-1]})") from None
+    if not index.is_trained or index.ntotal != ntotal or index.d != dim:
+        raise ValueError(f"{path}: damaged index, it holds {index.ntotal} vectors of dimension {index.d} "
+                         f"({'trained' if index.is_trained else 'untrained'}) where a trained index of "
+                         f"{ntotal} vectors of dimension {dim} was expected")
+    return index
+
+
+def load_index(work_dir: str, num_chunks: int, dim: int, nprobe: int, ef_search: int):
     """The filled index, with its search parameters set, on the GPUs when there are some."""
     wd = WorkDir(work_dir)
     if not os.path.isfile(wd.index):
         raise ValueError(f"{wd.index}: not found; run --retro-tasks index-add first")
-    index = faiss.read_index(wd.index)
-    if index.ntotal != num_chunks:
-        raise ValueError(f"{wd.index}: holds {index.ntotal} vectors but the chunk DB has {num_chunks} "
-                         f"chunks; rerun --retro-tasks index-build")
+    try:
+        index = read_index_checked(wd.index, num_chunks, dim)
+    except ValueError as e:
+        raise ValueError(f"{e}; rerun --retro-tasks index-build to rebuild it") from None
     set_search_params(index, nprobe, ef_search)
     if gpu_available():
         # Under torchrun every rank queries: each on its own GPU, not all on all of them.

@@ -160,19 +160,30 @@ def samples_per_block(block_size: int, chunks_per_sample: int) -> int:
     return max(1, block_size // chunks_per_sample)
 
 
-def _block_is_done(path: str, shape: tuple, num_chunks: int) -> bool:
-    if not os.path.isfile(path):
-        return False
+def damaged_neighbors(path: str, shape: tuple, db) -> str | None:
+    """What is wrong with a neighbour file or block, or None when it is one the query step could
+    have written: unreadable (e.g. truncated), another size than its header says, not int64 of
+    `shape`, or holding an id that is neither -1 nor a valid chunk of `db`. The ids are read in
+    slices of ~4M, so memory stays bounded whatever the file's size."""
     try:
-        block = np.load(path, mmap_mode="r", allow_pickle=False)
+        neighbors = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        log(f"{path}: unreadable ({e}); computing it again")
-        return False
-    ok = block.dtype == np.int64 and block.shape == shape and (block.size == 0 or (
-        block.min() >= -1 and block.max() < num_chunks))
-    if not ok:
-        log(f"{path}: not a neighbour block of shape {shape}; computing it again")
-    return ok
+        return f"unreadable ({e})"
+    if neighbors.dtype != np.int64 or neighbors.shape != tuple(shape):
+        return f"{neighbors.dtype} {list(neighbors.shape)} where int64 {list(shape)} was expected"
+    size, expected = os.path.getsize(path), neighbors.offset + neighbors.nbytes
+    if size != expected:  # np.load maps a file with bytes past its array without a word
+        return f"{size} bytes where its header says {expected}"
+    bad = 0
+    step = max(1, (1 << 22) // max(1, int(np.prod(shape[1:]))))
+    for first in range(0, len(neighbors), step):
+        ids = np.asarray(neighbors[first:first + step]).reshape(-1)
+        out_of_range = (ids < -1) | (ids >= db.num_chunks)
+        present = ids[(ids >= 0) & ~out_of_range]
+        bad += int(out_of_range.sum()) + int((~np.asarray(db.valid[present])).sum())
+    if bad:
+        return f"{bad} id(s) neither -1 nor a valid chunk id of the chunk DB (0..{db.num_chunks - 1})"
+    return None
 
 
 def query_split(work_dir: str, split: str, dataset, searcher: Searcher, block_size: int,
@@ -186,7 +197,11 @@ def query_split(work_dir: str, split: str, dataset, searcher: Searcher, block_si
     for block in range(rank, num_blocks, world_size):
         rows = min(num_samples, (block + 1) * per_block) - block * per_block
         shape = (rows, searcher.chunks_per_sample, searcher.k_save)
-        if not _block_is_done(wd.neighbor_block(split, block), shape, searcher.db.num_chunks):
+        path = wd.neighbor_block(split, block)
+        if not os.path.isfile(path):
+            todo.append(block)
+        elif problem := damaged_neighbors(path, shape, searcher.db):
+            log(f"{path}: damaged neighbour block, {problem}; computing it again")
             todo.append(block)
     log(f"{split} neighbours: {num_blocks} blocks of {per_block} samples, {len(todo)} to compute here")
     total = sum(min(num_samples, (b + 1) * per_block) - b * per_block for b in todo)

@@ -19,8 +19,8 @@ from megatron.data.tokenizers import build_tokenizer
 from megatron.retro.blocks import BlockBudget, barrier, log, rank_and_world_size
 from megatron.retro.chunk_db import ChunkDB, build_chunk_db
 from megatron.retro.embedder import BertEmbedder, chunk_texts, embed_chunk_db, retriever_info
-from megatron.retro.index import add_to_index, choose_index_str, load_index, train_index
-from megatron.retro.query import Searcher, assemble_neighbors, query_split
+from megatron.retro.index import add_to_index, choose_index_str, load_index, read_index_checked, train_index
+from megatron.retro.query import Searcher, assemble_neighbors, damaged_neighbors, query_split
 from megatron.retro.verify import verify
 from megatron.retro.workdir import (CONFIG_NAME, FORMAT_VERSION, WorkDir, check_dataset_fingerprints,
                                     check_workdir_matches, dataset_fingerprints, load_workdir_config,
@@ -229,8 +229,12 @@ class TaskRunner:
             return
         cfg = self.cfg
         if cfg.get("chosen_index_str") and os.path.isfile(self.wd.trained_index):
-            log(f"index: {cfg['chosen_index_str']} already trained")
-            return
+            try:
+                read_index_checked(self.wd.trained_index, 0, cfg["embedding_dim"])
+                log(f"index: {cfg['chosen_index_str']} already trained")
+                return
+            except ValueError as e:
+                log(f"{e}; training it again")
         db = ChunkDB(self.wd.root)
         index_str = cfg["index_str"]
         if index_str is None:
@@ -246,8 +250,12 @@ class TaskRunner:
         cfg = self.cfg
         db = ChunkDB(self.wd.root)
         if cfg.get("index_ntotal") == db.num_chunks and os.path.isfile(self.wd.index):
-            log(f"index: {self.wd.index} already holds all {db.num_chunks} chunks")
-            return
+            try:
+                read_index_checked(self.wd.index, db.num_chunks, cfg["embedding_dim"])
+                log(f"index: {self.wd.index} already holds all {db.num_chunks} chunks")
+                return
+            except ValueError as e:
+                log(f"{e}; rebuilding it")
         add_to_index(self.wd.root, db, cfg["embedding_dim"], cfg["block_size"])
         update_config(self.wd.root, index_ntotal=db.num_chunks)
 
@@ -264,7 +272,7 @@ class TaskRunner:
                 if split in SPLITS_WITH_NEIGHBORS and ds is not None}
 
     def _searcher(self, cfg: dict, db: ChunkDB):
-        index = load_index(self.wd.root, db.num_chunks, cfg["nprobe"], cfg["ef_search"])
+        index = load_index(self.wd.root, db.num_chunks, cfg["embedding_dim"], cfg["nprobe"], cfg["ef_search"])
         db_ids = {entry["path"]: i for i, entry in enumerate(cfg["db_datasets"])}
         searcher = Searcher(db, index, self.embedder, self.tokenizer, cfg["seq_length"],
                             cfg["num_neighbors_query"], cfg["num_neighbors_save"], db_ids)
@@ -279,8 +287,19 @@ class TaskRunner:
             if split not in datasets:
                 log(f"{split} neighbours: no {split} samples, nothing to query")
                 continue
-            if split in self.cfg.get("neighbor_stats", {}) and os.path.isfile(self.wd.neighbors(split)):
-                log(f"{split} neighbours: {self.wd.neighbors(split)} already written")
+            path = self.wd.neighbors(split)
+            if self.rank == 0 and split in self.cfg.get("neighbor_stats", {}) and os.path.isfile(path):
+                shape = (len(datasets[split]), searcher.chunks_per_sample, cfg["num_neighbors_save"])
+                if problem := damaged_neighbors(path, shape, db):
+                    log(f"{path}: damaged neighbour file, {problem}; rebuilding it")
+                    # The config first: killed in between, the next run still rebuilds the split.
+                    stats = self.cfg["neighbor_stats"]
+                    del stats[split]
+                    update_config(self.wd.root, neighbor_stats=stats)
+                    os.remove(path)
+            barrier()
+            if split in self.cfg.get("neighbor_stats", {}) and os.path.isfile(path):
+                log(f"{split} neighbours: {path} already written")
                 continue
             query_split(self.wd.root, split, datasets[split], searcher, cfg["block_size"],
                         self.rank, self.world_size, self.budget)

@@ -268,6 +268,51 @@ def run_failing(capfd, work_dir, argv, *extra):
     return capfd.readouterr().err
 
 
+def test_damaged_neighbour_file_is_named_by_verify_then_rebuilt(work_dir, corpus, tmp_path, capfd):
+    wd = tmp_path / "wd"
+    shutil.copytree(work_dir, wd)
+    path = wd / "neighbors" / "train.npy"
+    original = path.read_bytes()
+    neighbors = np.load(path, mmap_mode="r+")
+    neighbors[:, 1, 0] = 10 ** 6  # past the chunk DB, in every sample verify rechecks
+    neighbors.flush()
+    del neighbors
+    err = run_failing(capfd, wd, corpus["argv"], "--retro-tasks", "verify")
+    assert f"{path}: damaged neighbour file, 40 id(s) neither -1 nor a valid chunk" in err
+    assert json.loads((wd / "verify.json").read_text())["train"]["damaged"].startswith("40 id(s) neither")
+    for damaged in (path.read_bytes(), original[:len(original) // 2], original + b"\0" * 8):
+        path.write_bytes(damaged)
+        capfd.readouterr()
+        assert build(wd, corpus["argv"]) == 0
+        err = capfd.readouterr().err
+        assert f"{path}: damaged neighbour file, " in err and "; rebuilding it" in err
+        assert "valid neighbours: " + str(wd / "neighbors" / "valid.npy") + " already written" in err
+        assert path.read_bytes() == original
+
+
+def test_damaged_index_files_are_named_then_rebuilt(work_dir, corpus, tmp_path, capfd):
+    wd = tmp_path / "wd"
+    shutil.copytree(work_dir, wd)
+    index, trained = wd / "index" / "index.faiss", wd / "index" / "trained.faiss"
+    original_index, original_trained = index.read_bytes(), trained.read_bytes()
+    index.write_bytes(original_index[:len(original_index) // 2])
+    trained.write_bytes(b"\0" * 4 + original_trained[4:])
+    capfd.readouterr()
+    assert build(wd, corpus["argv"]) == 0
+    err = capfd.readouterr().err
+    assert f"{trained}: damaged index, unreadable" in err and "; training it again" in err
+    assert f"{index}: damaged index, unreadable" in err and "; rebuilding it" in err
+    assert index.read_bytes() == original_index and trained.read_bytes() == original_trained
+    # Readable, but not this DB's: another index's vectors.
+    other = faiss.IndexFlatIP(384)
+    other.add(np.eye(3, 384, dtype=np.float32))
+    faiss.write_index(other, str(index))
+    capfd.readouterr()
+    assert build(wd, corpus["argv"], "--retro-tasks", "index-build") == 0
+    assert f"{index}: damaged index, it holds 3 vectors of dimension 384" in capfd.readouterr().err
+    assert index.read_bytes() == original_index
+
+
 def test_mismatched_work_dir_is_refused_naming_the_field(work_dir, corpus, tmp_path, capfd):
     other_tok = tmp_path / "tok"
     train_tokenizer(str(corpus["root"] / "all.jsonl"), ["text"], 400, str(other_tok))
@@ -321,7 +366,7 @@ def test_ivf_index_trained_on_a_random_sample_finds_what_flat_finds(work_dir, tm
     assert train_index(str(wd), db, dim, block, "IVF8,Flat", 200, seed=1) == 200
     add_to_index(str(wd), db, dim, block)
     queries = all_embeddings(wd, db)[::5]
-    ivf = load_index(str(wd), db.num_chunks, nprobe=8, ef_search=16)  # every list: exact
+    ivf = load_index(str(wd), db.num_chunks, dim, nprobe=8, ef_search=16)  # every list: exact
     flat = faiss.read_index(str(work_dir / "index" / "index.faiss"))
     ivf_scores, _ = ivf.search(queries, K)
     flat_scores, _ = flat.search(queries, K)
