@@ -63,6 +63,12 @@ KILL_EXIT_CODE = 86
 
 # Model fields that may change between a checkpoint and the run that loads it.
 _RESUMABLE_MODEL_FIELDS = {"hidden_dropout", "attention_dropout", "init_method_std"}
+# Fields that follow from others unless given (ffn_hidden_size from --hidden-size and --swiglu,
+# max_position_embeddings from --seq-length, vocab_size from the tokenizer and
+# --make-vocab-size-divisible-by): compared last, so a mismatch names the flag the user gave.
+_DERIVED_MODEL_FIELDS = ("ffn_hidden_size", "max_position_embeddings", "vocab_size")
+# The flag that turns a boolean model field off, where there is one.
+_MODEL_OFF_FLAGS = {"swiglu": "--no-swiglu", "add_bias_linear": "--disable-bias-linear"}
 
 
 @dataclass
@@ -344,14 +350,28 @@ def read_checkpoint_config(path: str) -> dict:
         raise ValueError(f"{config_path}: cannot read the checkpoint's configuration: {e}") from e
 
 
+def _model_flag(name: str, value) -> str:
+    """A model field's value as the command-line flag that sets it."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else _MODEL_OFF_FLAGS.get(name, f"no {flag}")
+    return f"{flag} {value}"
+
+
 def check_model_config(saved: dict, current: dict, path: str):
-    """Refuse a checkpoint whose architecture differs from the model about to receive it."""
-    for name in sorted(set(saved) | set(current)):
-        if name in _RESUMABLE_MODEL_FIELDS:
+    """Refuse a checkpoint whose architecture differs from the model about to receive it, naming
+    the flag: fields given directly are compared before those derived from them."""
+    given = [name for name in {**current, **saved} if name not in _DERIVED_MODEL_FIELDS]
+    for name in given + list(_DERIVED_MODEL_FIELDS):
+        have, want = saved.get(name), current.get(name)
+        if name in _RESUMABLE_MODEL_FIELDS or have == want:
             continue
-        if saved.get(name) != current.get(name):
-            raise ValueError(f"{path}: checkpoint was saved with model {name}={saved.get(name)!r}, "
-                             f"this run has {name}={current.get(name)!r}")
+        if name == "vocab_size":  # --make-vocab-size-divisible-by agreed: the tokenizer differs
+            raise ValueError(f"{path}: checkpoint was saved with a padded vocabulary of {have}, this run has "
+                             f"{want}: another tokenizer (--tokenizer-model / --vocab-file) than the one "
+                             f"it was trained with")
+        raise ValueError(f"{path}: checkpoint was saved with {_model_flag(name, have)}, this run has "
+                         f"{_model_flag(name, want)}")
 
 
 def saved_add_retriever(config: dict) -> bool:

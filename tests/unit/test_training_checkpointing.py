@@ -163,6 +163,27 @@ def test_a_different_architecture_is_refused_by_name(tmp_path):
     assert load_checkpoint(str(tmp_path), model, opt, sched, model_config=dropout_changed).iteration == 1
 
 
+def test_a_mismatch_names_the_flag_given_not_a_field_derived_from_it():
+    def refused(saved, current):
+        with pytest.raises(ValueError) as e:
+            ckpt.check_model_config(asdict(saved), asdict(current), "CKPT")
+        return str(e.value)
+
+    hidden_64 = ModelConfig(hidden_size=64, num_attention_heads=2, vocab_size=512)
+    # ffn_hidden_size follows from --hidden-size and sorts first: it was the one blamed
+    assert refused(hidden_64, ModelConfig(hidden_size=128, num_attention_heads=2, vocab_size=512)) == (
+        "CKPT: checkpoint was saved with --hidden-size 64, this run has --hidden-size 128")
+    assert refused(hidden_64, ModelConfig(hidden_size=64, num_attention_heads=2, vocab_size=512, swiglu=False)) == (
+        "CKPT: checkpoint was saved with --swiglu, this run has --no-swiglu")
+    assert refused(hidden_64, ModelConfig(hidden_size=64, num_attention_heads=2, vocab_size=512, seq_length=512)) == (
+        "CKPT: checkpoint was saved with --seq-length 256, this run has --seq-length 512")
+    assert refused(hidden_64, ModelConfig(hidden_size=64, num_attention_heads=2, vocab_size=640)).startswith(
+        "CKPT: checkpoint was saved with a padded vocabulary of 512, this run has 640: another tokenizer")
+    assert refused(hidden_64, ModelConfig(hidden_size=64, num_attention_heads=2, vocab_size=512,
+                                          ffn_hidden_size=100)) == (
+        "CKPT: checkpoint was saved with --ffn-hidden-size 192, this run has --ffn-hidden-size 100")
+
+
 class _Planted:
     """What a malicious checkpoint holds: unpickling it runs code, here creating `marker`."""
 
