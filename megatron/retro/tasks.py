@@ -161,8 +161,8 @@ def prepare_workdir(work_dir: str, expected: dict) -> dict:
     wanted = expected["index_str"]
     recorded = cfg.get("chosen_index_str") or cfg.get("index_str")
     if wanted is not None and recorded is not None and wanted != recorded:
-        raise ValueError(f"retro work dir does not match: index_str is {recorded!r} in the work dir "
-                         f"but {wanted!r} here; use a new --retro-work-dir for another index")
+        raise ValueError(f"retro work dir does not match --retro-index-str: index_str is {recorded!r} in "
+                         f"the work dir but {wanted!r} here; use a new --retro-work-dir for another index")
     if cfg["library_version"] != expected["library_version"]:
         log(f"note: work dir built with {cfg['library_version']}, running {expected['library_version']}")
     return cfg

@@ -133,6 +133,35 @@ def normalize_data_path(data_path) -> list:
 
 # Fields compared after normalisation by check_workdir_matches.
 _NORMALIZERS = {"data_path": normalize_data_path, "db_data_path": normalize_data_path}
+# The arguments behind each field check_workdir_matches compares, for its message.
+_FIELD_FLAGS = {
+    "vocab_size": "the tokenizer", "eod": "the tokenizer",
+    "chunk_length": "--retro-gpt-chunk-length", "seq_length": "--seq-length",
+    "data_path": "--data-path", "split": "--split", "seed": "--seed",
+    "datasets": "the datasets at --data-path (document and token counts)",
+    "db_data_path": "--retro-db-data-path", "db_documents": "--retro-db-data-path",
+    "db_datasets": "--retro-db-data-path, or --data-path and --split",
+    "retriever_fingerprint": "--retro-bert-model", "embedding_dim": "--retro-bert-model",
+    "bert_max_chunk_length": "--retro-bert-max-chunk-length", "block_size": "--retro-block-size",
+    "index_ntrain": "--retro-index-ntrain", "num_neighbors_query": "--retro-query-num-neighbors-query",
+    "num_neighbors_save": "--retro-query-num-neighbors-save", "nprobe": "--retro-query-nprobe",
+    "ef_search": "--retro-query-ef-search",
+    "train_samples": "--train-samples, or --train-iters x --global-batch-size",
+    "valid_samples": "--train-iters, --eval-interval, --eval-iters and --global-batch-size",
+    "test_samples": "--eval-iters and --global-batch-size",
+}
+_TOKENIZER_FLAGS = {"model": "--tokenizer-model", "vocab_file": "--vocab-file", "merge_file": "--merge-file"}
+
+
+def _recorded_tokenizer(cfg: dict) -> str:
+    """The tokenizer arguments the work dir was built with, as flags (fingerprints alone say
+    nothing a user can act on)."""
+    recorded = cfg.get("tokenizer")
+    if not recorded:  # not recorded by older versions
+        return "the tokenizer it was built with"
+    flags = [f"--tokenizer-type {recorded['type']}"] + [
+        f"{flag} {recorded[name]}" for name, flag in _TOKENIZER_FLAGS.items() if recorded.get(name)]
+    return f"the tokenizer it was built with ({' '.join(flags)})"
 
 
 def load_workdir_config(work_dir: str) -> dict:
@@ -154,7 +183,8 @@ def load_workdir_config(work_dir: str) -> dict:
 
 
 def check_workdir_matches(cfg: dict, **expected) -> None:
-    """Raise ValueError naming the first field whose recorded value differs from `expected`.
+    """Raise ValueError naming the first field whose recorded value differs from `expected`, and
+    the arguments behind it (for the tokenizer, those the work dir was built with).
 
     A field given as None is not checked ("whatever the work dir holds"). data_path and
     db_data_path are compared as normalised blends; JSON round trips (tuples -> lists) are
@@ -171,9 +201,10 @@ def check_workdir_matches(cfg: dict, **expected) -> None:
         if normalize is not None:
             want = normalize(want)
         if json.loads(json.dumps(want)) != have:
-            raise ValueError(f"retro work dir does not match: {field} is {have!r} in the work dir "
-                             f"but {want!r} here; use the arguments it was built with or a new "
-                             f"--retro-work-dir")
+            flags = _recorded_tokenizer(cfg) if field == "tokenizer_fingerprint" else _FIELD_FLAGS.get(field)
+            raise ValueError(f"retro work dir does not match{' ' + flags if flags else ''}: {field} is "
+                             f"{have!r} in the work dir but {want!r} here; use the arguments it was built "
+                             f"with or a new --retro-work-dir")
 
 
 def dataset_fingerprints(prefixes) -> dict:

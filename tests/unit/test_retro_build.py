@@ -318,9 +318,11 @@ def test_mismatched_work_dir_is_refused_naming_the_field(work_dir, corpus, tmp_p
     train_tokenizer(str(corpus["root"] / "all.jsonl"), ["text"], 400, str(other_tok))
     argv = list(corpus["argv"])
     argv[argv.index("--tokenizer-model") + 1] = str(other_tok)
-    assert "tokenizer_fingerprint" in run_failing(capfd, work_dir, argv, "--retro-tasks", "verify")
+    err = run_failing(capfd, work_dir, argv, "--retro-tasks", "verify")
+    assert f"the tokenizer it was built with (--tokenizer-type HuggingFaceTokenizer --tokenizer-model " \
+           f"{corpus['root'] / 'tok'}): tokenizer_fingerprint is" in err
     err = run_failing(capfd, work_dir, corpus["argv"], "--retro-tasks", "verify", "--retro-gpt-chunk-length", "32")
-    assert "chunk_length is 16 in the work dir but 32" in err
+    assert "does not match --retro-gpt-chunk-length: chunk_length is 16 in the work dir but 32" in err
     err = run_failing(capfd, work_dir, corpus["argv"], "--retro-tasks", "verify", "--retro-index-str", "HNSW8")
     assert "index_str is 'Flat'" in err
 

@@ -169,6 +169,19 @@ def test_config_check_names_the_field():
         check_workdir_matches(cfg, tokenizer_fingerprint="abc")
 
 
+def test_config_check_names_the_flags_and_the_tokenizer_the_work_dir_was_built_with():
+    cfg = {"tokenizer": {"type": "HuggingFaceTokenizer", "model": "/data/tok", "vocab_file": None, "merge_file": None},
+           "tokenizer_fingerprint": "aaa", "train_samples": 40}
+    with pytest.raises(ValueError) as e:
+        check_workdir_matches(cfg, tokenizer_fingerprint="bbb")
+    assert str(e.value).startswith("retro work dir does not match the tokenizer it was built with "
+                                   "(--tokenizer-type HuggingFaceTokenizer --tokenizer-model /data/tok): "
+                                   "tokenizer_fingerprint is 'aaa' in the work dir but 'bbb' here")
+    with pytest.raises(ValueError, match=r"does not match --train-samples, or --train-iters x --global-batch-size: "
+                                         r"train_samples is 40 in the work dir but 80 here"):
+        check_workdir_matches(cfg, train_samples=80)
+
+
 def test_expected_for_training_fields():
     data = DataConfig(data_path=["a"], split="98,2,0")
     fields = expected_for_training(data, 256, 1, 100, 20, "f", chunk_length=64)
