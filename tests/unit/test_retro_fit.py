@@ -136,7 +136,7 @@ def test_retro_fit_from_refuses_a_retro_checkpoint_and_another_architecture(gpt_
     with pytest.raises(ValueError, match="RETRO checkpoint"):
         retro.load_gpt_into_retro(str(tmp_path / "r"), model, dataclasses.asdict(cfg.model))
     wider = dataclasses.replace(cfg.model, hidden_size=64)
-    with pytest.raises(ValueError, match="hidden_size"):
+    with pytest.raises(ValueError, match="saved with --hidden-size 32, this run has --hidden-size 64"):
         retro.load_gpt_into_retro(gpt_dir, RetroModel(wider, cfg.extra["retro"].model), dataclasses.asdict(wider))
     with pytest.raises(ValueError, match="no complete checkpoint"):
         retro.load_gpt_into_retro(str(tmp_path / "none"), model, dataclasses.asdict(cfg.model))
