@@ -135,6 +135,7 @@ class IncrementalDecoder:
                     projected[layer.layer_number] = layer.cca.neighbor_keys_values(encoded)
                 piece = layer.cca.attend(hn[:, p - start:stop - start], projected[layer.layer_number], mask,
                                          query_offset=p - (u + 1) * m + 1)
+                piece = layer.cca_gate(piece)
                 out[:, p - start:stop - start] = piece if layer.gate is None else layer.gate(piece)
             p = stop
         return out

@@ -113,16 +113,16 @@ class VocabParallelEmbedding(RowwiseParallel):
 
 
 class GateParallel(ParallelStyle):
-    """The CCA gate (x * sigmoid(logit)): the logit replicated, x in the residual layout, so that
-    under sequence parallel the logit's gradient is summed over the sequence shards. The recorded
-    gate value is replaced by its (replicated) local tensor for the budget loss."""
+    """A CCA gate (x * tanh(alpha), x * sigmoid(logit)): its scalar replicated, x in the residual
+    layout, so that under sequence parallel the scalar's gradient is summed over the sequence
+    shards. A recorded gate value is replaced by its (replicated) local tensor for the budget loss."""
 
     def __init__(self, sequence_parallel: bool):
         super().__init__()
         self.layout = residual_layout(sequence_parallel)
 
     def _output(self, mod, output, mesh):
-        if isinstance(mod.last_value, DTensor):
+        if isinstance(getattr(mod, "last_value", None), DTensor):
             mod.last_value = mod.last_value.to_local()
         return _to_local(output)
 
@@ -209,6 +209,7 @@ def retro_block_plan(block: RetroBlock, sequence_parallel: bool) -> dict[str, Pa
     plan.update(attention_plan("cca", Replicate()))
     if sequence_parallel:
         plan["cca"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1))
+    plan["cca_gate"] = GateParallel(sequence_parallel)
     if block.gate is not None:
         plan["gate"] = GateParallel(sequence_parallel)
     if block.encoder is not None:

@@ -319,6 +319,9 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
     with torch.device(env.device):
         model = model_provider(cfg)
     if hasattr(model, "init_weights"):
+        # Reseeded: construction drew from the generator too, as many times as the model has
+        # parameters, so a RETRO would otherwise start from other decoder weights than its GPT.
+        set_random_seed(t.seed)
         model.init_weights()
     if pp > 1:
         set_random_seed(t.seed, pipeline_rank(env, pp))

@@ -36,13 +36,13 @@ SEQ = {"gpt": 32, "retro": 28}
 # RETRO: 28 tokens = 3.5 chunks of 8, so under tp2 + sp each rank's 14-token shard ends in the
 # middle of a chunk and the last chunk is partial.
 RETRO = RetroConfig(chunk_length=8, num_neighbors=2, decoder_layers=[2, 3], encoder_num_layers=2,
-                    attention_gate=True)
+                    attention_gate=True, cca_gate_init=0.5)
 GATE_BUDGET_WEIGHT = 0.1
 SAMPLED_PARAMS = {
     "gpt": ["tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.0.attention_norm.weight",
             "layers.1.mlp.w2.weight", "layers.1.mlp.w3.weight", "norm.weight"],
     "retro": ["tok_embeddings.weight", "layers.1.cca.wq.weight", "layers.2.cca.wo.weight",
-              "layers.1.cca_norm.weight", "layers.1.gate.logit", "layers.2.gate.logit",
+              "layers.1.cca_norm.weight", "layers.1.gate.logit", "layers.2.gate.logit", "layers.2.cca_gate.alpha",
               "layers.1.encoder.layers.0.cross_attention.wk.weight", "layers.1.encoder.layers.1.mlp.w1.weight",
               "layers.1.encoder.layers.0.attention_norm.weight", "layers.1.encoder.norm.weight"],
 }

@@ -38,13 +38,13 @@ from megatron.training.loss import lm_loss
 VOCAB, SEQ, GLOBAL_BATCH, MICRO = 128, 32, 8, 4
 STEPS = 3
 RETRO = RetroConfig(chunk_length=8, num_neighbors=2, decoder_layers=[2, 3], encoder_num_layers=2,
-                    attention_gate=True)
+                    attention_gate=True, cca_gate_init=0.5)
 SAMPLED = {
     "gpt": ["tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.1.mlp.w2.weight",
             "layers.2.attention.wo.weight", "layers.3.mlp.w1.weight", "norm.weight"],
     "retro": ["tok_embeddings.weight", "layers.0.attention.wq.weight",
               "layers.1.encoder.layers.0.cross_attention.wk.weight", "layers.1.encoder.layers.1.mlp.w1.weight",
-              "layers.1.encoder.norm.weight", "layers.1.cca.wq.weight", "layers.1.gate.logit",
+              "layers.1.encoder.norm.weight", "layers.1.cca.wq.weight", "layers.1.cca_gate.alpha", "layers.1.gate.logit",
               "layers.2.cca.wk.weight", "layers.2.cca.wo.weight", "layers.3.mlp.w2.weight", "norm.weight"],
 }
 RTOL, ATOL = 2e-5, 2e-6

@@ -29,7 +29,7 @@ def train(coeff: float, steps: int = 40):
     cfg.extra["retro"] = retro.RetroTrainingConfig(
         add_retriever=True, budget_loss_coeff=coeff,
         model=RetroConfig(chunk_length=M, num_neighbors=K, decoder_layers=[1, 2], encoder_num_layers=1,
-                          attention_gate=True))
+                          attention_gate=True, cca_gate_init=0.5))
     torch.manual_seed(0)
     model = retro.model_provider(cfg)
     model.init_weights()

@@ -24,7 +24,7 @@ V, M, K = 64, 4, 2
 def tiny_retro(gate=False, encoder_cross_attention="first", seed=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=V, num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32)
-    model = RetroModel(cfg, RetroConfig(chunk_length=M, num_neighbors=K, decoder_layers=[2, 4], attention_gate=gate,
+    model = RetroModel(cfg, RetroConfig(chunk_length=M, num_neighbors=K, decoder_layers=[2, 4], attention_gate=gate, cca_gate_init=0.5,
                                         encoder_cross_attention=encoder_cross_attention))
     model.init_weights()
     if gate:  # away from the initial 0.5, different per layer
@@ -201,7 +201,8 @@ def workspace(tmp_path_factory):
 def retro_for_workdir(vocab_size: int, seed=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=vocab_size, num_layers=2, hidden_size=32, num_attention_heads=2, seq_length=SEQ)
-    model = RetroModel(cfg, RetroConfig(chunk_length=64, num_neighbors=2, decoder_layers=[2], encoder_num_layers=1))
+    model = RetroModel(cfg, RetroConfig(chunk_length=64, num_neighbors=2, decoder_layers=[2], encoder_num_layers=1,
+                                        cca_gate_init=0.5))
     model.init_weights()
     return model.eval()
 

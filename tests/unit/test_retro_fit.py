@@ -17,7 +17,7 @@ from megatron.training.loss import lm_loss
 from megatron.training.trainer import LM_LOSS, pretrain
 
 VOCAB, SEQ, M, K = 64, 16, 4, 2
-RETRO_MODULES = {"encoder", "cca", "cca_norm", "gate"}  # what RETRO adds to a decoder layer
+RETRO_MODULES = {"encoder", "cca", "cca_gate", "cca_norm", "gate"}  # what RETRO adds to a decoder layer
 
 
 def is_retro_only(name: str) -> bool:
@@ -59,7 +59,7 @@ def config(add_retriever: bool, iters: int, *extra, fit_from=None, gate=False):
     cfg.extra["retro"] = retro.RetroTrainingConfig(
         add_retriever=add_retriever, fit_from=fit_from,
         model=RetroConfig(chunk_length=M, num_neighbors=K, decoder_layers=[2], encoder_num_layers=1,
-                          attention_gate=gate))
+                          attention_gate=gate, cca_gate_init=0.5))
     return cfg
 
 

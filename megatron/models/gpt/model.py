@@ -42,13 +42,17 @@ class GPTModel(nn.Module):
             )
         return self.rope_cos[offset:offset + seq_len], self.rope_sin[offset:offset + seq_len]
 
+    def modules_in_init_order(self):
+        """(name, module) pairs in the order init_weights draws them (subclasses may reorder)."""
+        return self.named_modules()
+
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None):
         """Megatron's init: N(0, std) everywhere, output projections of each block scaled by
         1/sqrt(2 * num_layers) so the residual stream's variance does not grow with depth."""
         std = self.cfg.init_method_std
         scaled_std = std / math.sqrt(2.0 * self.cfg.num_layers)
-        for name, module in self.named_modules():
+        for name, module in self.modules_in_init_order():
             if isinstance(module, nn.Linear):
                 is_residual_out = name.endswith(".wo") or name.endswith(".w2")
                 nn.init.normal_(module.weight, mean=0.0, std=scaled_std if is_residual_out else std)

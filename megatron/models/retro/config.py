@@ -26,6 +26,9 @@ class RetroConfig:
     # Which encoder layers cross-attend to the decoder states of the chunk they serve: the
     # paper (and Megatron-LM) condition the first encoder layer only.
     encoder_cross_attention: str = "first"
+    # Start of each retro layer's tanh gate on the CCA output (models/retro/gate.py): 0 starts
+    # closed, so a new RETRO starts as its GPT; tests open it to exercise the CCA at init.
+    cca_gate_init: float = 0.0
     attention_gate: bool = False  # learned sigmoid gate on each CCA output (adaptive retrieval)
     # Refuse neighbour tensors whose k differs from num_neighbors; False lets evaluation vary k
     # (the paper evaluates with more neighbours than it trained with).

@@ -5,11 +5,14 @@ Per retro layer (RETRO paper, Listing 1):
     x = x + attention(norm(x))
     hn = cca_norm(x)
     E = encoder(neighbours, hn)        first retro layer only; E then feeds every later CCA
-    x = x + gate(cca(hn, E, mask))     the gate only with --retro-attention-gate
+    x = x + gate(tanh(alpha) * cca(hn, E, mask))
+                                       alpha starts at 0 (closed, models/retro/gate.py); the
+                                       sigmoid gate only with --retro-attention-gate
     x = x + mlp(norm(x))
 Without neighbours (retrieval off) a retro layer is exactly a TransformerBlock, and the model
 exactly the GPTModel with the same weights (parameter names are shared, so a GPT state dict
-loads into it with strict=False: only the RETRO parameters are missing).
+loads into it with strict=False: only the RETRO parameters are missing). Initialised with the
+same seed, the decoder's weights equal the GPTModel's: the RETRO parameters are drawn after them.
 
 Plain single-device PyTorch: parallelism is applied from outside (megatron/parallel/).
 """
@@ -20,11 +23,14 @@ from megatron.models.gpt.model import GPTModel
 from megatron.models.retro.chunked_cross_attention import ChunkedCrossAttention
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.encoder import RetroEncoder
-from megatron.models.retro.gate import AttentionGate
+from megatron.models.retro.gate import AttentionGate, TanhGate
 from megatron.training.config import ModelConfig
 from megatron.training.flops import gpt_flops_per_token
 from megatron.transformer.block import TransformerBlock
 from megatron.transformer.norm import build_norm
+
+# A RetroBlock's submodules that a TransformerBlock does not have.
+RETRIEVAL_PARTS = {"cca_norm", "cca", "cca_gate", "encoder", "gate"}
 
 
 class RetroBlock(TransformerBlock):
@@ -38,6 +44,7 @@ class RetroBlock(TransformerBlock):
             rotary_base=cfg.rotary_base)
         self.encoder = (RetroEncoder(enc_cfg, cfg.hidden_size, retro_cfg.chunk_length,
                                      retro_cfg.encoder_cross_attention) if with_encoder else None)
+        self.cca_gate = TanhGate(retro_cfg.cca_gate_init)
         self.gate = AttentionGate() if retro_cfg.attention_gate else None
 
     def forward(self, x: torch.Tensor, rope, neighbors: torch.Tensor | None = None,
@@ -52,7 +59,7 @@ class RetroBlock(TransformerBlock):
             hn = self.cca_norm(x)
             if self.encoder is not None:
                 neighbors = self.encoder(neighbors, hn)
-            out = self.cca(hn, neighbors, neighbor_mask)
+            out = self.cca_gate(self.cca(hn, neighbors, neighbor_mask))
             if self.gate is not None:
                 out = self.gate(out)
             x = x + self.dropout(out)
@@ -72,6 +79,11 @@ class RetroModel(GPTModel):
             return super().build_layer(layer_number)
         return RetroBlock(self.cfg, self.retro_cfg, layer_number,
                           with_encoder=layer_number == self.retro_layer_numbers[0])
+
+    def modules_in_init_order(self):
+        """The decoder's modules in GPTModel's order, then the retrieval ones (encoder, CCA, gates):
+        one seed then gives RETRO the same decoder weights as its GPT."""
+        return sorted(self.named_modules(), key=lambda item: bool(RETRIEVAL_PARTS & set(item[0].split("."))))
 
     def check_neighbors(self, tokens: torch.Tensor, neighbor_tokens: torch.Tensor,
                         neighbor_mask: torch.Tensor | None):
