@@ -18,7 +18,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "tensorboard"],
+        "dev": ["pytest", "tensorboard", "matplotlib"],
         "tensorboard": ["tensorboard"],
+        # tools/plot_runs.py only; training never imports it.
+        "plot": ["matplotlib"],
     },
 )
