@@ -271,18 +271,11 @@ def test_text_generation_tool_shows_neighbours_for_each_chunk(workspace, tmp_pat
 
 
 @pytest.mark.slow
-def test_evaluate_overlap_buckets_partition_the_chunks_and_their_loss(workspace, tmp_path):
-    """evaluate.py --overlap-buckets (and --copy-probe) on the same work dir (it lives here for
-    the fixture): the buckets hold every scored chunk once, and their chunk-weighted losses give
-    back the mean loss over the scored positions of a direct forward."""
+def workdir_retro_and_config(workspace):
+    """A tiny RETRO for the fixture's work dir and the run config a checkpoint of it records."""
     from megatron.data.tokenizers import build_tokenizer
-    from megatron.training import retro
-    from megatron.training.checkpointing import TrainState, save_checkpoint
     from megatron.training.config import Config, DataConfig, TrainingConfig
-    from megatron.training.copy_probe import copy_probe
     from megatron.training.retro import RetroTrainingConfig
-    from megatron.training.trainer import sample_counts
-    from tools.retro.evaluate import OVERLAP_BUCKETS, evaluate
 
     tokenizer = build_tokenizer("HuggingFaceTokenizer", str(workspace["tokenizer"]))
     model = retro_for_workdir(128 * -(-tokenizer.vocab_size // 128))
@@ -293,6 +286,20 @@ def test_evaluate_overlap_buckets_partition_the_chunks_and_their_loss(workspace,
                                          eval_iters=1))
     cfg.extra["retro"] = RetroTrainingConfig(add_retriever=True, work_dir=str(workspace["work_dir"]),
                                              model=dataclasses.replace(model.retro_cfg))
+    return model, cfg
+
+
+def test_evaluate_overlap_buckets_partition_the_chunks_and_their_loss(workspace, tmp_path):
+    """evaluate.py --overlap-buckets (and --copy-probe) on the same work dir (it lives here for
+    the fixture): the buckets hold every scored chunk once, and their chunk-weighted losses give
+    back the mean loss over the scored positions of a direct forward."""
+    from megatron.training import retro
+    from megatron.training.checkpointing import TrainState, save_checkpoint
+    from megatron.training.copy_probe import copy_probe
+    from megatron.training.trainer import sample_counts
+    from tools.retro.evaluate import OVERLAP_BUCKETS, evaluate
+
+    model, cfg = workdir_retro_and_config(workspace)
     save_checkpoint(str(tmp_path / "ckpt"), TrainState(iteration=4), model, None, None, dataclasses.asdict(cfg))
 
     results = evaluate(str(tmp_path / "ckpt"), str(workspace["work_dir"]), eval_samples=4, overlap_buckets=True,
@@ -325,3 +332,20 @@ def test_evaluate_overlap_buckets_partition_the_chunks_and_their_loss(workspace,
         loss = torch.nn.functional.cross_entropy(logits[:, 63:127].flatten(0, 1), labels[:, 63:127].flatten())
         assert float(loss) == pytest.approx(expected, rel=1e-4)
     assert on != off  # the neighbours reach the scored positions
+
+
+def test_evaluate_ckpt_step_scores_that_iteration_not_the_latest(workspace, tmp_path):
+    """evaluate.py --ckpt-step (learning curves): two saved iterations with other weights score apart."""
+    from megatron.training.checkpointing import TrainState, save_checkpoint
+    from tools.retro.evaluate import evaluate
+
+    model, cfg = workdir_retro_and_config(workspace)
+    save_checkpoint(str(tmp_path / "ckpt"), TrainState(iteration=2), model, None, None, dataclasses.asdict(cfg))
+    with torch.no_grad():
+        model.norm.weight.mul_(3.0)
+    save_checkpoint(str(tmp_path / "ckpt"), TrainState(iteration=4), model, None, None, dataclasses.asdict(cfg))
+
+    first = evaluate(str(tmp_path / "ckpt"), str(workspace["work_dir"]), eval_samples=2, ckpt_step=2)
+    latest = evaluate(str(tmp_path / "ckpt"), str(workspace["work_dir"]), eval_samples=2)
+    assert (first["step"], latest["step"]) == (2, 4)
+    assert first["retrieval_off"]["lm_loss"] != pytest.approx(latest["retrieval_off"]["lm_loss"], rel=1e-3)

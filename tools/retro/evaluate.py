@@ -1,6 +1,6 @@
 """Evaluate a checkpoint of pretrain_retro.py on the validation split: retrieval on / off / random.
 
-    python tools/retro/evaluate.py --retro-work-dir wd --load ckpt/retro [--output results.json]
+    python tools/retro/evaluate.py --retro-work-dir wd --load ckpt/retro [--ckpt-step N] [--output results.json]
     torchrun --nproc-per-node 4 tools/retro/evaluate.py ... --pipeline-model-parallel-size 2 \
         --tensor-model-parallel-size 2
 
@@ -146,11 +146,13 @@ def evaluate_mode(cfg: Config, env, par, mode: str, num_iters: int) -> dict:
 
 
 def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_batch_size: int | None = None,
-             overlap_buckets: bool = False, parallel: dict | None = None, probe: bool = False) -> dict:
+             overlap_buckets: bool = False, parallel: dict | None = None, probe: bool = False,
+             ckpt_step: int | None = None) -> dict:
     """The results dict (module docstring). ``parallel``: ParallelConfig fields for this run's
     layout (tensor / pipeline sizes; data parallel is the rest of the launched processes), which
-    need not be the layout the checkpoint was trained under: DCP reshards on load."""
-    found = find_checkpoint(load)
+    need not be the layout the checkpoint was trained under: DCP reshards on load. ``ckpt_step``:
+    that iteration's checkpoint instead of the latest (learning curves)."""
+    found = find_checkpoint(load, ckpt_step)
     if found is None:
         raise ValueError(f"{load}: no complete checkpoint found")
     step, path = found
@@ -208,6 +210,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--retro-work-dir", required=True)
     p.add_argument("--load", required=True, help="checkpoint directory written by pretrain_retro.py --save")
+    p.add_argument("--ckpt-step", type=int, default=None,
+                   help="evaluate this iteration's checkpoint (default: the latest)")
     p.add_argument("--output", default=None, help="write the JSON here too")
     p.add_argument("--eval-samples", type=int, default=None,
                    help="validation samples per mode, rounded down to whole global batches (default: "
@@ -229,7 +233,8 @@ def main(argv=None) -> int:
                 "sequence_parallel": args.sequence_parallel}
     try:
         results = evaluate(args.load, args.retro_work_dir, args.eval_samples, args.micro_batch_size,
-                           overlap_buckets=args.overlap_buckets, parallel=parallel, probe=args.copy_probe)
+                           overlap_buckets=args.overlap_buckets, parallel=parallel, probe=args.copy_probe,
+                           ckpt_step=args.ckpt_step)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
