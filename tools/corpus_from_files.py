@@ -3,6 +3,7 @@
     python tools/corpus_from_files.py --output corpus.jsonl            # this Python's stdlib *.py
     python tools/corpus_from_files.py --input src/ --glob '*.md' --max-files 100 --output docs.jsonl
     python tools/corpus_from_files.py --max-files 400 --shuffle-seed 1234 --output corpus.jsonl
+    python tools/corpus_from_files.py --exclude-corpus corpus.jsonl --max-files 600 --shuffle-seed 1 --output db.jsonl
 
 The id is the file's path relative to --input, and files are written in id order, so the same
 tree always gives the same corpus. With --shuffle-seed they are written in a seeded random order
@@ -10,6 +11,9 @@ instead (and --max-files keeps a random N): Megatron's --split cuts the document
 contiguous train / valid / test ranges, so in id order the validation documents would be the
 last packages of the alphabet (for the stdlib: the near-identical codec tables of encodings/),
 not a sample of the corpus. Files that are not valid UTF-8 are skipped and counted.
+--exclude-corpus leaves out the files (by id) of corpora already written, e.g. for a retrieval
+datastore (tools/retro/preprocess_data.py --retro-db-data-path) that shares no document with the
+training and validation text.
 Installed third-party packages (site-packages) below --input are left out, so the default
 corpus depends only on the Python version, not on what is installed.
 """
@@ -43,10 +47,27 @@ def find_files(input_dir: str, pattern: str) -> list[tuple[str, str]]:
     return found
 
 
+def corpus_ids(path: str) -> set[str]:
+    """The "id" of every document of a JSONL corpus written by this tool."""
+    ids = set()
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ids.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{line_number}: not a corpus line with an \"id\"") from None
+    return ids
+
+
 def write_corpus(input_dir: str, pattern: str, output: str, max_files: int | None = None,
-                 shuffle_seed: int | None = None) -> tuple[int, int]:
-    """Write the corpus to `output`; returns (documents written, files skipped as not UTF-8)."""
+                 shuffle_seed: int | None = None, exclude: tuple[str, ...] = ()) -> tuple[int, int]:
+    """Write the corpus to `output`, leaving out the documents of the corpora `exclude`; returns
+    (documents written, files skipped as not UTF-8)."""
     files = find_files(input_dir, pattern)
+    excluded = set().union(*(corpus_ids(path) for path in exclude))
+    files = [(doc_id, path) for doc_id, path in files if doc_id not in excluded]
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(files)
     if max_files is not None:
@@ -87,6 +108,8 @@ def parse_args(argv=None):
                         help="keep only the first N files (by id, or of the shuffled order)")
     parser.add_argument("--shuffle-seed", type=int, default=None,
                         help="write the files in this seed's random order (default: id order)")
+    parser.add_argument("--exclude-corpus", nargs="+", default=(), metavar="JSONL",
+                        help="leave out the files whose id is in these corpora (a disjoint datastore)")
     args = parser.parse_args(argv)
     if args.max_files is not None and args.max_files < 1:
         parser.error("--max-files must be at least 1")
@@ -96,7 +119,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        written, skipped = write_corpus(args.input, args.glob, args.output, args.max_files, args.shuffle_seed)
+        written, skipped = write_corpus(args.input, args.glob, args.output, args.max_files, args.shuffle_seed,
+                                        tuple(args.exclude_corpus))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

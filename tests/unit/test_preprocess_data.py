@@ -173,6 +173,26 @@ def test_shuffled_corpus_is_a_seeded_sample_of_the_whole_tree(tmp_path):
     assert max(ids(a)) > everything[len(everything) // 2] > min(ids(a))
 
 
+def test_exclude_corpus_writes_a_datastore_disjoint_from_the_training_corpus(tmp_path, capsys):
+    """--exclude-corpus: a separate retrieval datastore shares no file with the corpora named."""
+    def ids(path):
+        return {json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()}
+
+    train, db = tmp_path / "train.jsonl", tmp_path / "db.jsonl"
+    assert corpus_main(["--max-files", "50", "--shuffle-seed", "7", "--output", str(train)]) == 0
+    assert corpus_main(["--exclude-corpus", str(train), "--max-files", "80", "--shuffle-seed", "7",
+                        "--output", str(db)]) == 0
+    assert len(ids(db)) == 80 and not ids(db) & ids(train)
+    # Without the exclusion the same seed draws the training files first.
+    assert corpus_main(["--max-files", "80", "--shuffle-seed", "7", "--output", str(db)]) == 0
+    assert ids(train) <= ids(db)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no id"}\n', encoding="utf-8")
+    assert corpus_main(["--exclude-corpus", str(bad), "--output", str(db)]) == 1
+    assert f"{bad}:1" in capsys.readouterr().err
+
+
 def test_corpus_from_files_defaults_to_the_stdlib(tmp_path, capsys):
     output = tmp_path / "stdlib.jsonl"
     assert corpus_main(["--max-files", "3", "--output", str(output)]) == 0
