@@ -40,8 +40,9 @@ def test_quickstart_on_a_stdlib_subset_writes_the_evaluation_json(tmp_path, quic
     ws, cmd, proc = quickstart
     assert "RETRO, retrieval on" in proc.stdout
 
-    retro = json.loads((ws / "eval_retro.json").read_text())
+    retro = json.loads((ws / "evals" / "retro" / "iter_0000012.json").read_text())
     assert retro["step"] == 12 and retro["model"] == "retro"
+    assert (ws / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for mode in ("retrieval_on", "retrieval_off", "random_retrieval"):
         assert set(retro[mode]) == {"loss", "lm_loss", "ppl", "gate_mean"}
         assert all(math.isfinite(v) for v in retro[mode].values())
@@ -49,7 +50,7 @@ def test_quickstart_on_a_stdlib_subset_writes_the_evaluation_json(tmp_path, quic
         assert math.isfinite(retro[key])
     # Retrieval reaches the model: switching it off changes the loss.
     assert retro["retrieval_on"]["lm_loss"] != retro["retrieval_off"]["lm_loss"]
-    gpt = json.loads((ws / "eval_gpt.json").read_text())
+    gpt = json.loads((ws / "evals" / "gpt" / "iter_0000012.json").read_text())
     assert gpt["model"] == "gpt" and math.isfinite(gpt["retrieval_off"]["lm_loss"])
 
     # Running it again resumes: every step is found done.
@@ -110,7 +111,7 @@ def test_evaluate_under_torchrun_matches_one_process(quickstart, tmp_path, layou
     out = tmp_path / "eval.json"
     _launch(["tools/retro/evaluate.py", "--retro-work-dir", str(ws / "retro_workdir"), "--load",
              str(ws / "checkpoints" / "retro"), "--output", str(out), *layout], nproc=2)
-    got, want = json.loads(out.read_text()), json.loads((ws / "eval_retro.json").read_text())
+    got, want = json.loads(out.read_text()), json.loads((ws / "evals" / "retro" / "iter_0000012.json").read_text())
     assert got["step"] == want["step"] and got["num_samples"] == want["num_samples"]
     for mode in ("retrieval_on", "retrieval_off", "random_retrieval"):
         for key in ("loss", "lm_loss", "gate_mean"):

@@ -249,6 +249,7 @@ def main(argv=None) -> int:
     text = json.dumps(results, indent=2)
     print(text)
     if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         tmp = f"{args.output}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
             f.write(text + "\n")
