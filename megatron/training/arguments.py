@@ -117,7 +117,8 @@ def _add_logging_args(parser):
     g.add_argument("--log-interval", type=int, default=d("log_interval"))
     g.add_argument("--tensorboard-dir", default=d("tensorboard_dir"))
     g.add_argument("--peak-tflops", type=float, default=d("peak_tflops"),
-                   help="per-device peak TFLOP/s for MFU (default: measure this device's matmul peak)")
+                   help="per-device peak TFLOP/s for MFU (default: a known GPU's nominal dense peak for the "
+                        "dtype, else the best matmul rate measured on this device during the run)")
 
 
 def _add_checkpoint_args(parser):

@@ -91,7 +91,7 @@ class TrainingConfig:
 class LoggingConfig:
     log_interval: int = 10
     tensorboard_dir: str | None = None
-    peak_tflops: float | None = None  # None: measure this machine's fp32 matmul peak
+    peak_tflops: float | None = None  # None: a known GPU's nominal peak, else the best measured (flops.mfu_peak)
 
 
 @dataclass

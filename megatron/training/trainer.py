@@ -36,7 +36,7 @@ from torch import nn
 from megatron.data.loader import build_data_loader
 from megatron.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron.training.config import Config
-from megatron.training.flops import gpt_flops_per_token, measure_matmul_peak_flops
+from megatron.training.flops import BestPeak, FixedPeak, gpt_flops_per_token, mfu_peak
 from megatron.training.initialize import DistEnv, initialize_distributed, pipeline_rank, set_random_seed
 from megatron.training.logging import TensorBoardWriter, format_train_line, format_validation_line
 from megatron.training.lr_schedule import LRScheduler
@@ -247,11 +247,12 @@ class _Interval:
     ones included: their loss was computed), and throughput over the time spent in train steps
     (evaluation and checkpointing excluded)."""
 
-    def __init__(self, tokens_per_iteration: int, flops_per_token: float, world_size: int, peak_flops: float | None):
+    def __init__(self, tokens_per_iteration: int, flops_per_token: float, world_size: int,
+                 peak: FixedPeak | BestPeak | None):
         self.tokens_per_iteration = tokens_per_iteration
         self.flops_per_token = flops_per_token
         self.world_size = world_size
-        self.peak_flops = peak_flops
+        self.peak = peak
         self._reset()
 
     def _reset(self):
@@ -268,11 +269,13 @@ class _Interval:
         averaged = {name: float(value) / self.iterations for name, value in self.sums.items()}
         tokens_per_second = self.iterations * self.tokens_per_iteration / self.seconds
         flops_per_device = tokens_per_second * self.flops_per_token / self.world_size
+        mfu, peak_note = self.peak.mfu(flops_per_device) if self.peak else (None, None)
         throughput = {
             "elapsed_ms": 1000.0 * self.seconds / self.iterations,
             "tokens_per_second": tokens_per_second,
             "tflops_per_device": flops_per_device / 1e12,
-            "mfu": flops_per_device / self.peak_flops if self.peak_flops else None,
+            "mfu": mfu,
+            "peak_note": peak_note,  # a log field when the peak changed, else None
             "skipped": self.skipped,
             "nan": self.nan,
         }
@@ -360,19 +363,16 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
     valid_batches = _Batches(valid_ds, cfg, par, state.consumed_valid_samples % len(valid_ds), cyclic=True,
                              device=env.device) if do_eval else None
 
-    peak_flops = None
+    peak = None
     if env.is_last_rank:
-        if lg.peak_tflops is not None:
-            peak_flops = lg.peak_tflops * 1e12
-        else:
-            dtype = torch.bfloat16 if t.bf16 else torch.float32
-            peak_flops = measure_matmul_peak_flops(env.device, dtype)
-            say(f" > measured {dtype} matmul peak of {env.device}: {peak_flops / 1e12:.3f} TFLOP/s (used for MFU)")
+        peak, peak_line = mfu_peak(env.device, torch.bfloat16 if t.bf16 else torch.float32, lg.peak_tflops)
+        if peak_line:
+            say(peak_line)
     tensorboard = TensorBoardWriter(lg.tensorboard_dir) if lg.tensorboard_dir and env.is_last_rank else None
 
     trainer = _Trainer(cfg, env, par, forward_step, optimizer, scheduler, num_micro)
     interval = _Interval(tokens_per_iteration=gbs * cfg.model.seq_length, flops_per_token=flops_per_token,
-                         world_size=env.world_size, peak_flops=peak_flops)
+                         world_size=env.world_size, peak=peak)
     train_history, validation_history, last_metrics = [], [], {}
     last_saved = last_evaluated = state.iteration
     config_dict = asdict(cfg)
@@ -411,12 +411,14 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
         if state.iteration % lg.log_interval == 0:
             averaged, throughput = interval.close()
             train_history.append((state.iteration, averaged))
-            say(format_train_line(
+            line = format_train_line(
                 iteration=state.iteration, train_iters=t.train_iters, consumed_samples=state.consumed_train_samples,
                 elapsed_ms=throughput["elapsed_ms"], learning_rate=lr, global_batch_size=gbs, metrics=averaged,
                 grad_norm=grad_norm, skipped_iterations=throughput["skipped"], nan_iterations=throughput["nan"],
                 tokens_per_second=throughput["tokens_per_second"], tflops_per_device=throughput["tflops_per_device"],
-                mfu=throughput["mfu"]))
+                mfu=throughput["mfu"])
+            # After Megatron's fields, so its parsers still read the line.
+            say(line + f" {throughput['peak_note']} |" if throughput["peak_note"] else line)
             if tensorboard:
                 tensorboard.train(state.iteration, state.consumed_train_samples, lr, averaged, grad_norm,
                                   throughput["tokens_per_second"], throughput["tflops_per_device"], throughput["mfu"])
