@@ -1,17 +1,21 @@
 """The whole RETRO pipeline on the Python standard library's own source files, on one machine.
 
     python examples/retro/quickstart.py [--workspace runs/quickstart] [--max-files 300]
+    python examples/retro/quickstart.py --input $(python -c "import transformers, os; \
+        print(os.path.dirname(transformers.__file__))")/models --max-files 280 --db-max-files 600
 
 Steps (each a command a user could run by hand; each is skipped when its output exists, so an
 interrupted quickstart resumes):
   1. tools/corpus_from_files.py          a seeded random sample of the stdlib *.py -> corpus.jsonl
   2. tools/train_tokenizer.py            byte-level BPE -> tokenizer/tokenizer.json
   3. tools/preprocess_data.py            -> data/stdlib_text_document.bin/.idx
+     (with --db-max-files, 1 and 3 again for a datastore of other files of --input)
   4. tools/retro/preprocess_data.py      work dir: chunk DB, embeddings, index, neighbours
-  5. pretrain_retro.py --retro-add-retriever   a small RETRO
-  6. pretrain_retro.py                   the same-size GPT on the same samples
-  7. tools/retro/evaluate.py             retrieval on / off / random, and the GPT
-and prints the evaluation table. Defaults are sized for a 2-core CPU (under 20 minutes);
+  5. pretrain_retro.py --retro-add-retriever   a small RETRO, saved every --curve-interval steps
+  6. tools/retro/evaluate.py --ckpt-step retrieval on / off / random at each saved step
+  7. pretrain_retro.py, evaluate.py      the same-size GPT on the same samples
+  8. tools/plot_runs.py                  the learning curves: a table, and curves.png
+and prints the final evaluation table. Defaults are sized for a 2-core CPU (about 25 minutes);
 --max-files 0 takes the whole stdlib (the embedding step then takes about half an hour).
 """
 
