@@ -9,7 +9,9 @@ tests/unit/test_generation.py). What a step keeps:
 - at the layer holding the retrieval encoder, the cca_norm states of every position: chunk u's
   neighbours are encoded conditioned on the m states of chunk u;
 - the encoded neighbours E_u of the chunks that positions still to come attend to, and each
-  retro layer's CCA keys/values of them (projected once per chunk, not once per token).
+  retro layer's CCA keys/values of them (projected once per chunk, not once per token);
+- with gates (--retro-attention-gate), the token ids fed so far, and each chunk's overlap with
+  its neighbours, from which every gated layer's per-chunk gate is computed as in the forward.
 
 Causality (see models/retro/chunked_cross_attention.py): positions (u+1)m-1 .. (u+2)m-2 attend
 to the neighbours of chunk u, so chunk u's neighbours must be handed to the step that feeds its
@@ -20,6 +22,7 @@ A chunk whose neighbours are not given gets none (retrieval off for the position
 import torch
 from torch import nn
 
+from megatron.models.retro.gate import neighbor_overlap
 from megatron.models.retro.model import RetroBlock
 
 
@@ -58,9 +61,11 @@ class IncrementalDecoder:
         self.caches = {name: KVCache(self.max_length) for name in model.layers}
         retro_cfg = getattr(model, "retro_cfg", None)
         self.chunk_length = retro_cfg.chunk_length if retro_cfg is not None else None
+        self.gated = retro_cfg is not None and retro_cfg.attention_gate
         self.length = 0
+        self.tokens = None  # [b, max_length] ids fed so far, for the gates' overlap
         self.chunk_states = None  # [b, max_length, h]: cca_norm states at the encoder's layer
-        self.encoded = {}  # chunk u -> (E_u [b, k, r, d_enc], mask [b, k])
+        self.encoded = {}  # chunk u -> (E_u [b, k, r, d_enc], mask [b, k], overlap [b, k] or None)
         self.projected = {}  # chunk u -> {retro layer number: CCA keys and values of E_u}
 
     def chunks_completed_by(self, start: int, end: int) -> range:
@@ -86,7 +91,14 @@ class IncrementalDecoder:
             if not start <= last < end:
                 raise ValueError(f"neighbours of chunk {u} belong to the step feeding position {last}, "
                                  f"this step feeds {start}..{end - 1}")
-        embedded = {u: (model.embed_neighbors(t[:, None], mask[:, None])[:, 0], mask)
+        if self.gated:
+            if self.tokens is None:
+                self.tokens = tokens.new_zeros(tokens.shape[0], self.max_length)
+            self.tokens[:, start:end] = tokens
+        m = self.chunk_length
+        embedded = {u: (model.embed_neighbors(t[:, None], mask[:, None])[:, 0], mask,
+                        neighbor_overlap(self.tokens[:, u * m:(u + 1) * m], t[:, None], mask[:, None], m)[:, 0]
+                        if self.gated else None)
                     for u, (t, mask) in neighbors.items()}
 
         rope = model.rope(n, offset=start)
@@ -117,9 +129,9 @@ class IncrementalDecoder:
             if self.chunk_states is None:
                 self.chunk_states = hn.new_zeros(hn.shape[0], self.max_length, hn.shape[-1])
             self.chunk_states[:, start:start + n] = hn
-            for u, (neighbor_embeddings, mask) in embedded.items():
+            for u, (neighbor_embeddings, mask, overlap) in embedded.items():
                 states = self.chunk_states[:, u * m:(u + 1) * m]
-                self.encoded[u] = (layer.encoder(neighbor_embeddings[:, None], states)[:, 0], mask)
+                self.encoded[u] = (layer.encoder(neighbor_embeddings[:, None], states)[:, 0], mask, overlap)
                 self.projected[u] = {}
         out = torch.zeros_like(hn)
         # Position p reads chunk (p - m + 1) // m; positions before m - 1 read nothing.
@@ -128,7 +140,7 @@ class IncrementalDecoder:
             u = (p - m + 1) // m
             stop = min(start + n, (u + 2) * m - 1)
             if u in self.encoded:
-                encoded, mask = self.encoded[u]
+                encoded, mask, overlap = self.encoded[u]
                 # Each retro layer's keys/values of E_u: projected once, read by up to m tokens.
                 projected = self.projected[u]
                 if layer.layer_number not in projected:
@@ -136,7 +148,9 @@ class IncrementalDecoder:
                 piece = layer.cca.attend(hn[:, p - start:stop - start], projected[layer.layer_number], mask,
                                          query_offset=p - (u + 1) * m + 1)
                 piece = layer.cca_gate(piece)
-                out[:, p - start:stop - start] = piece if layer.gate is None else layer.gate(piece)
+                if layer.gate is not None:
+                    piece = piece * layer.gate.chunk_values(overlap, mask)[:, None, None].to(piece.dtype)
+                out[:, p - start:stop - start] = piece
             p = stop
         return out
 

@@ -11,8 +11,9 @@ first stage, the final norm, head and loss on the last. What travels between sta
   autograd, to the stage that owns the encoder.
 
 The neighbour token ids and mask never travel: they are keyword arguments of ``schedule.step``
-on every rank (each rank loads its data-parallel slice of the batch anyway). Why not pass them
-from stage to stage: in torch 2.13's dynamic mode, shape inference runs a later stage on
+on every rank (each rank loads its data-parallel slice of the batch anyway), and so are the
+decoder's token ids when RETRO has gates (they compare each chunk with its neighbours). Why not
+pass them from stage to stage: in torch 2.13's dynamic mode, shape inference runs a later stage on
 ``torch.empty`` tensors built from the previous stage's output metadata, so int64 ids coming
 from a previous stage are garbage and the embedding lookup crashes; keyword arguments are run
 on the real tensors. The alternative, static ``input_args``/``output_args`` on every stage,
@@ -34,10 +35,12 @@ runs under ``loss_parallel()`` on vocabulary-sharded logits. Data parallel: FSDP
 (``fully_shard`` per block and per stage; HSDP too), or with ddp a gradient all-reduce after
 the schedule (DDP's semantics without its wrapper, which does not know the pipeline's backward).
 
-RETRO's budget loss (coefficient x the mean CCA gate over all retro layers) does not go through
-the pipeline: a gate value depends on its logit only, not on the data, so each rank adds the
-budget's gradient for its own gates after the schedule, and the gate mean is summed over stages
-for logging.
+RETRO's budget loss (coefficient x the micro-batch's mean gate over all retro layers and the
+chunks with a real neighbour) is added where the gates are: each stage computes its gates'
+share of that mean in its forward and attaches it to its output, whose backward (run by the
+schedule) then also backpropagates the share, as if it were part of the loss. The shares of
+every stage and micro-batch, summed over stages and averaged over micro-batches, are the logged
+gate mean.
 
 Loss scaling is one process's: each micro-batch's mean loss is divided by the number of
 micro-batches before backward (``scale_grads=False``: torch's own scaling would divide a
@@ -147,14 +150,34 @@ def _encoder_layer(model: nn.Module) -> str | None:
     return None
 
 
+class _AddToBackward(torch.autograd.Function):
+    """Identity on ``output``; its backward also backpropagates ``loss`` (a scalar the stage
+    computed) with gradient 1, i.e. adds ``loss`` to what the pipeline differentiates."""
+
+    @staticmethod
+    def forward(ctx, output, loss):
+        ctx.loss_meta = (loss.dtype, loss.device)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dtype, device = ctx.loss_meta
+        return grad, torch.ones((), dtype=dtype, device=device)
+
+
 class StageModule(nn.Module):
     """Layers ``keys`` of a (pruned) GPTModel/RetroModel as one pipeline stage.
 
-    forward(tokens | hidden | (hidden, encoded neighbours), *, neighbor_tokens, neighbor_mask)
-    -> hidden | (hidden, encoded neighbours) | logits (last stage). Submodules are the rank
-    model's own (shared, not copied), registered under the same names."""
+    forward(tokens | hidden | (hidden, encoded neighbours), *, decoder_tokens, neighbor_tokens,
+    neighbor_mask) -> hidden | (hidden, encoded neighbours) | logits (last stage). Submodules
+    are the rank model's own (shared, not copied), registered under the same names.
 
-    def __init__(self, model: nn.Module, keys: list[str], is_first: bool, is_last: bool, sequence_shards: int = 1):
+    With gates, each forward appends this stage's share of the micro-batch's gate mean to
+    ``gate_shares`` and, when ``budget_scale`` is set (coefficient / micro-batches), adds
+    budget_scale x share to the backward (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, keys: list[str], is_first: bool, is_last: bool, sequence_shards: int = 1,
+                 num_gates: int = 0, budget_scale: float = 0.0):
         super().__init__()
         self.is_first, self.is_last = is_first, is_last
         # Under sequence parallel the hidden states between stages are this rank's sequence shard.
@@ -170,8 +193,13 @@ class StageModule(nn.Module):
         self._is_retro = isinstance(model, RetroModel)
         if self._is_retro:
             self._check_neighbors, self._embed_neighbors = model.check_neighbors, model.embed_neighbors
+            self._neighbor_overlap = model.neighbor_overlap
+        self._gates = [layer.gate for layer in self.layers.values()
+                       if isinstance(layer, RetroBlock) and layer.gate is not None]
+        self.num_gates, self.budget_scale = num_gates, budget_scale
+        self.gate_shares: list[torch.Tensor] = []
 
-    def forward(self, *inputs, neighbor_tokens=None, neighbor_mask=None):
+    def forward(self, *inputs, decoder_tokens=None, neighbor_tokens=None, neighbor_mask=None):
         neighbors = None
         if self.is_first:
             (tokens,) = inputs
@@ -181,16 +209,32 @@ class StageModule(nn.Module):
         else:
             h, neighbors = inputs[0], (inputs[1] if len(inputs) > 1 else None)
         rope = self._rope(tokens.shape[1] if self.is_first else h.shape[1] * self.sequence_shards)
+        overlap = None
+        if self._gates and neighbor_tokens is not None:
+            overlap = self._neighbor_overlap(decoder_tokens, neighbor_tokens, neighbor_mask)
         for layer in self.layers.values():
             if isinstance(layer, RetroBlock):
                 if layer.encoder is not None and neighbor_tokens is not None:
                     neighbors = self._embed_neighbors(neighbor_tokens, neighbor_mask)
-                h, neighbors = layer(h, rope, neighbors, neighbor_mask)
+                h, neighbors = layer(h, rope, neighbors, neighbor_mask, overlap)
             else:
                 h = layer(h, rope)
+        if overlap is not None:
+            h = self._gate_share(h)
         if self.is_last:
             return self.output(self.norm(h))
         return h if neighbors is None else (h, neighbors)
+
+    def _gate_share(self, h: torch.Tensor) -> torch.Tensor:
+        """Record this stage's gates' sum over the chunks with a real neighbour, divided by (all
+        gates of the model x those chunks); with a budget, attach it to the backward of h."""
+        real = self._gates[0].last_real
+        share = torch.stack([g.last_value.sum() for g in self._gates]).sum() / (
+            self.num_gates * real.sum().clamp(min=1))
+        self.gate_shares.append(share.detach())
+        if self.budget_scale and torch.is_grad_enabled():
+            h = _AddToBackward.apply(h, self.budget_scale * share)
+        return h
 
 
 def prune_to_stages(model: nn.Module, stage_keys: list[list[str]], local_stages: list[int]) -> nn.Module:
@@ -280,15 +324,14 @@ class PipelinedModel:
         if budget_loss_coeff and not self.num_gates:
             raise ValueError("--retro-budget-loss-coeff needs --retro-attention-gate")
         self.model = prune_to_stages(model, stage_keys, local)
-        self._gates = [layer.gate for layer in self.model.layers.values()
-                       if isinstance(layer, RetroBlock) and layer.gate is not None]
         tp = mesh["tp"].size()
         if tp > 1:
             # The stage's share of the TP(+SP) plan; activations between stages stay plain tensors,
             # the last stage's logits stay sharded on the vocabulary for loss_parallel().
             parallelize_tensor_parallel(self.model, mesh["tp"], sequence_parallel=sequence_parallel)
         shards = tp if sequence_parallel else 1
-        self.stage_modules = [StageModule(self.model, stage_keys[s], s == 0, s == num_stages - 1, shards)
+        self.stage_modules = [StageModule(self.model, stage_keys[s], s == 0, s == num_stages - 1, shards,
+                                          self.num_gates, budget_loss_coeff / num_microbatches)
                               for s in local]
         self.fsdp = fsdp and self.dp_group is not None
         if self.fsdp:
@@ -322,6 +365,10 @@ class PipelinedModel:
                              f"{self.num_microbatches} micro-batches")
         tokens, labels = text[:, :-1], text[:, 1:]
         kwargs = {k: batch[k] for k in ("neighbor_tokens", "neighbor_mask") if k in batch}
+        if self.num_gates:
+            kwargs["decoder_tokens"] = tokens
+        for m in self.stage_modules:
+            m.gate_shares.clear()
         losses = []
         args = (tokens,) if 0 in self.local_stages else ()
         target = labels if self.has_last_stage else None
@@ -335,22 +382,18 @@ class PipelinedModel:
         dist.broadcast(loss, self.last_rank, group=self.pp_group)
         metrics = {LM_LOSS: loss}
         if self.num_gates and "neighbor_tokens" in batch:
-            metrics.update(self._gate_metrics(train))
+            metrics.update(self._gate_metrics())
         return metrics
 
-    def _gate_metrics(self, train: bool) -> dict[str, torch.Tensor]:
-        """Gate mean over every stage's gates; with a budget, its gradient into the local gates
-        (as one process accumulates coeff x gate mean / n over n micro-batches: coeff x gate mean)."""
+    def _gate_metrics(self) -> dict[str, torch.Tensor]:
+        """The gate mean of every micro-batch (its shares summed over stages), averaged over the
+        micro-batches; the budget's gradient went through the schedule's backward."""
         device = next(self.model.parameters()).device
-        local = torch.zeros((), device=device)
-        for gate in self._gates:
-            value = torch.sigmoid(gate.logit).sum()
-            local = local + (value.to_local() if isinstance(value, DTensor) else value)
-        if train and self.budget_loss_coeff and self._gates:
-            (self.budget_loss_coeff * local / self.num_gates).backward()
-        mean = local.detach().float().clone()
+        n = self.num_microbatches
+        # The first step's metadata inference runs one forward of its own before the n real ones.
+        mean = sum((torch.stack(m.gate_shares[-n:]).sum() for m in self.stage_modules if m.gate_shares),
+                   torch.zeros((), device=device)).float() / n
         dist.all_reduce(mean, group=self.pp_group)
-        mean /= self.num_gates
         metrics = {GATE_MEAN: mean}
         if self.budget_loss_coeff:
             metrics[BUDGET_LOSS] = self.budget_loss_coeff * mean

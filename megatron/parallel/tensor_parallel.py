@@ -37,8 +37,10 @@ RETRO (``RetroBlock``), on top of the decoder block's plan:
 - the neighbours' embedding lookup ([b, l, k, r] ids) shares the vocab-parallel table; its
   result is all-reduced to a replicated [b, l, k, r, h] (only [b, s] lookups follow the residual
   layout).
-- the optional CCA gate's scalar becomes a replicated DTensor; the value it records for the
-  budget loss is handed out as a plain tensor, so the loss can be added to the LM loss.
+- the CCA gates' scalars become replicated DTensors, and so do the per-chunk gate's inputs
+  besides the CCA output (each chunk's neighbour overlap and mask, [b, l, k]: tiny); the values
+  it records for the budget loss are handed out as plain tensors, so the loss can be added to
+  the LM loss.
 
 Dropout in replicated regions (no sequence parallel, the encoder) must draw the same mask on
 every TP rank, so TP ranks must share the RNG seed (the trainer seeds by pipeline stage).
@@ -113,24 +115,27 @@ class VocabParallelEmbedding(RowwiseParallel):
 
 
 class GateParallel(ParallelStyle):
-    """A CCA gate (x * tanh(alpha), x * sigmoid(logit)): its scalar replicated, x in the residual
-    layout, so that under sequence parallel the scalar's gradient is summed over the sequence
-    shards. A recorded gate value is replaced by its (replicated) local tensor for the budget loss."""
+    """A CCA gate (TanhGate: x * tanh(alpha); AttentionGate: x * its per-chunk value of the overlap
+    and mask that follow x): scalars and the inputs after x replicated, x in the residual layout,
+    so that under sequence parallel the scalars' gradients are summed over the sequence shards.
+    Recorded gate values are replaced by their (replicated) local tensors for the budget loss."""
 
     def __init__(self, sequence_parallel: bool):
         super().__init__()
         self.layout = residual_layout(sequence_parallel)
 
+    def _inputs(self, mod, inputs, mesh):
+        x, *rest = inputs
+        return (_as_dtensor(x, mesh, self.layout), *(_as_dtensor(t, mesh, Replicate()) for t in rest))
+
     def _output(self, mod, output, mesh):
-        if isinstance(getattr(mod, "last_value", None), DTensor):
-            mod.last_value = mod.last_value.to_local()
+        for name in ("last_value", "last_real"):
+            if isinstance(getattr(mod, name, None), DTensor):
+                setattr(mod, name, getattr(mod, name).to_local())
         return _to_local(output)
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        return distribute_module(
-            module, device_mesh, None,
-            lambda mod, inputs, mesh: tuple(_as_dtensor(x, mesh, self.layout) for x in inputs),
-            self._output)
+        return distribute_module(module, device_mesh, None, self._inputs, self._output)
 
 
 def norm_style(sequence_parallel: bool) -> ParallelStyle:

@@ -76,9 +76,11 @@ def add_retro_args(parser):
     g.add_argument("--retro-encoder-cross-attention", choices=["first", "all"], default="first",
                    help="encoder layers conditioned on the decoder chunk (paper and Megatron-LM: first)")
     g.add_argument("--retro-attention-gate", action="store_true",
-                   help="learned sigmoid gate on each chunked cross-attention output")
+                   help="learned per-chunk gate on each chunked cross-attention output, from the chunk's "
+                        "bigram overlap with its neighbours (models/retro/gate.py)")
     g.add_argument("--retro-budget-loss-coeff", type=float, default=0.0,
-                   help="adds C x mean gate to the loss (needs --retro-attention-gate)")
+                   help="adds C x the mean gate over chunks with a real neighbour to the loss "
+                        "(needs --retro-attention-gate)")
     g.add_argument("--retro-no-retrieval-prob", type=float, default=0.0,
                    help="per training sample, probability of dropping all neighbours")
     g.add_argument("--retro-random-retrieval-prob", type=float, default=0.0,

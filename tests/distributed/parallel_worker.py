@@ -42,7 +42,8 @@ SAMPLED_PARAMS = {
     "gpt": ["tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.0.attention_norm.weight",
             "layers.1.mlp.w2.weight", "layers.1.mlp.w3.weight", "norm.weight"],
     "retro": ["tok_embeddings.weight", "layers.1.cca.wq.weight", "layers.2.cca.wo.weight",
-              "layers.1.cca_norm.weight", "layers.1.gate.logit", "layers.2.gate.logit", "layers.2.cca_gate.alpha",
+              "layers.1.cca_norm.weight", "layers.1.gate.logit_none", "layers.1.gate.logit_full",
+              "layers.2.gate.logit_none", "layers.2.gate.logit_full", "layers.2.cca_gate.alpha",
               "layers.1.encoder.layers.0.cross_attention.wk.weight", "layers.1.encoder.layers.1.mlp.w1.weight",
               "layers.1.encoder.layers.0.attention_norm.weight", "layers.1.encoder.norm.weight"],
 }
@@ -67,15 +68,22 @@ def build_model(kind: str) -> torch.nn.Module:
 
 def make_batch(kind: str, step: int) -> dict:
     """The global batch of ``step``: the same on every rank and in every layout. RETRO's carries
-    neighbours with some masked, including every neighbour of one chunk."""
+    neighbours with some masked, including every neighbour of chunk 1 in each sample: the gate
+    mean is a mean over the chunks with a real neighbour, so each data-parallel slice must hold
+    as many of them per sample as the whole batch for its mean to be the batch's. The first
+    neighbour of chunk 0 holds the chunk (as RETRO retrieves), so the gates' overlap is not 0."""
     g = torch.Generator().manual_seed(1000 + step)
     batch = {"tokens": torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ[kind] + 1), generator=g)}
     if kind == "retro":
         chunks = -(-SEQ[kind] // RETRO.chunk_length)
         shape = (GLOBAL_BATCH, chunks, RETRO.num_neighbors)
-        batch["neighbor_tokens"] = torch.randint(0, VOCAB, (*shape, RETRO.retrieved_length), generator=g)
+        neighbor_tokens = torch.randint(0, VOCAB, (*shape, RETRO.retrieved_length), generator=g)
+        m = RETRO.chunk_length
+        neighbor_tokens[:, 0, 0, :m] = batch["tokens"][:, :m]
+        batch["neighbor_tokens"] = neighbor_tokens
         mask = torch.rand(shape, generator=g) > 0.25
-        mask[0, 1] = False
+        mask[:, :, 0] = True
+        mask[:, 1] = False
         batch["neighbor_mask"] = mask
     return batch
 

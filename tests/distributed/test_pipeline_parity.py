@@ -44,7 +44,8 @@ SAMPLED = {
             "layers.2.attention.wo.weight", "layers.3.mlp.w1.weight", "norm.weight"],
     "retro": ["tok_embeddings.weight", "layers.0.attention.wq.weight",
               "layers.1.encoder.layers.0.cross_attention.wk.weight", "layers.1.encoder.layers.1.mlp.w1.weight",
-              "layers.1.encoder.norm.weight", "layers.1.cca.wq.weight", "layers.1.cca_gate.alpha", "layers.1.gate.logit",
+              "layers.1.encoder.norm.weight", "layers.1.cca.wq.weight", "layers.1.cca_gate.alpha",
+              "layers.1.gate.logit_none", "layers.1.gate.logit_full", "layers.2.gate.logit_full",
               "layers.2.cca.wk.weight", "layers.2.cca.wo.weight", "layers.3.mlp.w2.weight", "norm.weight"],
 }
 RTOL, ATOL = 2e-5, 2e-6
@@ -64,7 +65,11 @@ def make_batch(kind: str, step: int) -> dict:
     batch = {"text": torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)}
     if kind == "retro":
         shape = (GLOBAL_BATCH, SEQ // RETRO.chunk_length, RETRO.num_neighbors)
-        batch["neighbor_tokens"] = torch.randint(0, VOCAB, (*shape, RETRO.retrieved_length), generator=g)
+        neighbor_tokens = torch.randint(0, VOCAB, (*shape, RETRO.retrieved_length), generator=g)
+        # Chunk 1's second neighbour holds the chunk, as RETRO retrieves: the gates' overlap is not 0.
+        m = RETRO.chunk_length
+        neighbor_tokens[:, 1, 1, :m] = batch["text"][:, m:2 * m]
+        batch["neighbor_tokens"] = neighbor_tokens
         mask = torch.rand(shape, generator=g) > 0.25
         mask[0, 1] = False
         batch["neighbor_mask"] = mask

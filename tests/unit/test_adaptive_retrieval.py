@@ -1,6 +1,8 @@
-"""Adaptive retrieval: the budget loss (--retro-budget-loss-coeff) makes retrieval cost something,
-so the learned CCA gates close further than without it. (Gate forced closed == GPT path is in
-test_retro_model.py; no/random retrieval proportions in test_retro_dataset.py.)"""
+"""Adaptive retrieval: the per-chunk gate (--retro-attention-gate) opens on chunks whose neighbours
+hold the text and stays low on random ones; the budget loss (--retro-budget-loss-coeff) lowers
+it; gate_mean counts only chunks with a real neighbour and is 0 with retrieval off. (A closed
+gate equals retrieval off: test_retro_model.py; no/random retrieval proportions:
+test_retro_dataset.py.)"""
 
 import pytest
 import torch
@@ -9,53 +11,104 @@ from megatron.models.retro.config import RetroConfig
 from megatron.training import retro
 from megatron.training.config import Config, ModelConfig
 
-V, S, M, K = 64, 16, 4, 2
+V, S, M, K = 64, 32, 4, 2
+L = S // M
 
 
-def batches(steps, b=8, seed=1):
-    """Random text; chunk u's first neighbour holds the text that follows it (retrieval helps)."""
-    g = torch.Generator().manual_seed(seed)
-    l = S // M
-    for _ in range(steps):
-        text = torch.randint(0, V, (b, S + 1 + 2 * M), generator=g)
-        nb = torch.randint(0, V, (b, l, K, 2 * M), generator=g)
-        nb[:, :, 0] = text[:, (torch.arange(l)[:, None] + 1) * M + torch.arange(2 * M)]
-        yield {"text": text[:, :S + 1], "neighbor_tokens": nb, "neighbor_mask": torch.ones(b, l, K, dtype=torch.bool)}
+def make_batch(b: int, g: torch.Generator):
+    """Random text; each chunk u has, with probability 1/2 ("useful"), the chunk itself and its
+    continuation (chunks u, u+1) as first neighbour, as RETRO retrieves; all other neighbours are
+    random tokens. Returns (batch, useful [b, l])."""
+    text = torch.randint(0, V, (b, S + 1 + 2 * M), generator=g)
+    neighbors = torch.randint(0, V, (b, L, K, 2 * M), generator=g)
+    useful = torch.rand(b, L, generator=g) < 0.5
+    retrieved = text[:, torch.arange(L)[:, None] * M + torch.arange(2 * M)]
+    neighbors[:, :, 0] = torch.where(useful[..., None], retrieved, neighbors[:, :, 0])
+    batch = {"text": text[:, :S + 1], "neighbor_tokens": neighbors,
+             "neighbor_mask": torch.ones(b, L, K, dtype=torch.bool)}
+    return batch, useful
 
 
-def train(coeff: float, steps: int = 40):
-    """(gate mean of each step, metrics of the last) training a tiny gated RETRO with the real forward_step."""
-    cfg = Config(model=ModelConfig(vocab_size=V, num_layers=2, hidden_size=32, num_attention_heads=2, seq_length=S))
+def train(coeff: float, steps: int):
+    """(gate mean of each step, metrics of the last, model) training a tiny gated RETRO with the
+    real forward_step (AdamW, lr 1e-2, batches of 32)."""
+    cfg = Config(model=ModelConfig(vocab_size=V, num_layers=2, hidden_size=32, num_attention_heads=2,
+                                   seq_length=S, init_method_std=0.1))
     cfg.extra["retro"] = retro.RetroTrainingConfig(
         add_retriever=True, budget_loss_coeff=coeff,
-        model=RetroConfig(chunk_length=M, num_neighbors=K, decoder_layers=[1, 2], encoder_num_layers=1,
+        model=RetroConfig(chunk_length=M, num_neighbors=K, decoder_layers=[2], encoder_num_layers=1,
                           attention_gate=True, cca_gate_init=0.5))
     torch.manual_seed(0)
     model = retro.model_provider(cfg)
     model.init_weights()
     forward_step = retro.make_forward_step(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
     gates, metrics = [], {}
-    for batch in batches(steps):
-        loss, metrics = forward_step(model, batch)
+    for _ in range(steps):
+        loss, metrics = forward_step(model, make_batch(32, g)[0])
         opt.zero_grad()
         loss.backward()
         opt.step()
         gates.append(float(metrics[retro.GATE_MEAN]))
-    return gates, metrics, model
+    return gates, metrics, model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """~15 s on one thread: copying is learnt by step ~200 (chunk losses below)."""
+    return train(0.05, 400)
+
+
+def test_the_gate_opens_where_the_neighbours_hold_the_text_and_retrieval_pays_there(trained):
+    gates, _, model = trained
+    assert gates[0] == pytest.approx(0.5)  # every chunk starts half open
+    batch, useful = make_batch(64, torch.Generator().manual_seed(99))
+    tokens, labels = batch["text"][:, :-1], batch["text"][:, 1:]
+    with torch.no_grad():
+        on = model(tokens, batch["neighbor_tokens"], batch["neighbor_mask"])
+        values, real = model.chunk_gates()
+        off = model(tokens, batch["neighbor_tokens"], torch.zeros_like(batch["neighbor_mask"]))
+    assert real.all() and values.shape == (64, L)
+    on_useful, on_random = values[useful].mean(), values[~useful].mean()
+    assert on_useful > 3 * on_random, (float(on_useful), float(on_random))
+
+    # The positions reading a useful chunk's neighbours, (u+1)m-1 .. (u+2)m-2, predict chunk u+1,
+    # which those neighbours hold.
+    readers = torch.zeros(64, S, dtype=torch.bool)
+    for u in range(L - 1):
+        readers[:, (u + 1) * M - 1:(u + 2) * M - 1] = useful[:, u, None]
+    loss = lambda logits: torch.nn.functional.cross_entropy(  # noqa: E731
+        logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)[readers].mean()
+    assert loss(on) < loss(off) - 1.0, (float(loss(on)), float(loss(off)))
 
 
 def test_budget_loss_lowers_the_mean_gate_versus_coefficient_zero():
-    free, free_metrics, _ = train(0.0)
-    paid, paid_metrics, model = train(1.0)
-    assert free[0] == pytest.approx(0.5) and paid[0] == pytest.approx(0.5)  # gates start half open
+    free, free_metrics, _ = train(0.0, 40)
+    paid, paid_metrics, _ = train(1.0, 40)
+    assert free[0] == pytest.approx(0.5) and paid[0] == pytest.approx(0.5)
     assert retro.BUDGET_LOSS not in free_metrics
     assert float(paid_metrics[retro.BUDGET_LOSS]) == pytest.approx(float(paid_metrics[retro.GATE_MEAN]))
     assert paid[-1] < free[-1] - 0.1, (paid[-1], free[-1])
     assert paid[-1] < paid[0] - 0.05
-    # The logged gate mean is the mean over retro layers of sigmoid(logit) (of the last forward).
-    logits = torch.cat([layer.gate.logit for layer in model.layers.values() if getattr(layer, "gate", None)])
-    assert len(logits) == 2
+
+
+def test_gate_mean_is_over_chunks_with_a_real_neighbour_and_zero_with_retrieval_off(trained):
+    _, _, model = trained
+    batch, _ = make_batch(4, torch.Generator().manual_seed(3))
+    tokens, nb, mask = batch["text"][:, :-1], batch["neighbor_tokens"], batch["neighbor_mask"]
+    with torch.no_grad():
+        model(tokens, nb, torch.zeros_like(mask))
+        assert model.gate_mean().item() == 0.0  # no neighbour reaches the model
+        model(tokens, nb, mask)
+        values, _ = model.chunk_gates()
+        mixed = mask.clone()
+        mixed[1:] = False  # samples 1..3 without retrieval, as --retro-no-retrieval-prob makes them
+        mixed[0, 2] = False  # and one chunk of sample 0 without neighbours
+        model(tokens, nb, mixed)
+        kept = [u for u in range(L) if u != 2]
+        assert model.gate_mean().item() == pytest.approx(values[0, kept].mean().item())
+        assert model.chunk_gates()[0][0, 2] == 0.0 and model.chunk_gates()[0][1:].abs().sum() == 0.0
 
 
 def test_budget_loss_without_a_gate_and_fitting_without_retro_are_refused():

@@ -27,10 +27,11 @@ def tiny_retro(gate=False, encoder_cross_attention="first", seed=0):
     model = RetroModel(cfg, RetroConfig(chunk_length=M, num_neighbors=K, decoder_layers=[2, 4], attention_gate=gate, cca_gate_init=0.5,
                                         encoder_cross_attention=encoder_cross_attention))
     model.init_weights()
-    if gate:  # away from the initial 0.5, different per layer
+    if gate:  # away from the initial 0.5, different per layer and per overlap
         for i, layer in enumerate(model.layers.values()):
             if getattr(layer, "gate", None) is not None:
-                layer.gate.logit.data.fill_(0.3 + i)
+                layer.gate.logit_none.data.fill_(0.3 + i)
+                layer.gate.logit_full.data.fill_(-1.0 - i)
     return model.eval()
 
 
@@ -59,7 +60,14 @@ def test_cached_incremental_logits_equal_the_full_forward_across_chunk_boundarie
     neighbor_tokens = torch.randint(0, V, (2, l, K, 2 * M), generator=g)
     neighbor_mask = torch.rand(2, l, K, generator=g) > 0.3
     neighbor_mask[0, 1] = False  # a chunk without any neighbour
+    neighbor_mask[1, 1, 0] = True  # and one with a neighbour that shares no bigram with it
+    # Neighbours holding all of chunk 0 and 2 of chunk 2's 3 bigrams: the gates read the overlap.
+    neighbor_tokens[:, 0, :, :M] = tokens[:, None, :M]
+    neighbor_tokens[:, 2, :, 1:M] = tokens[:, None, 2 * M + 1:3 * M]
     full = model(tokens, neighbor_tokens, neighbor_mask)
+    if gate:
+        values, real = model.chunk_gates()
+        assert len({round(float(v), 4) for v in values[real]}) == 3
     # The neighbours matter, so equality below is not retrieval being ignored.
     assert (full - model(tokens)).abs().max() > 1e-3
 

@@ -113,7 +113,7 @@ def test_retro_fitting_freezes_the_gpt_bit_identically_and_lowers_the_loss(gpt_c
     retro.post_init(model, cfg)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {name for name in names if is_retro_only(name)}
-    assert any(name.endswith("gate.logit") for name in trainable)
+    assert any(name.endswith("gate.logit_full") for name in trainable)
 
 
 def test_retro_fitting_resumes_exactly(gpt_checkpoint, tmp_path):

@@ -300,18 +300,49 @@ def test_a_closed_gate_equals_retrieval_off():
     off = model(tokens)
     assert model.gate_mean() is None
     half_open = model(tokens, nb, mask)
+    values, real = model.chunk_gates()
+    assert values.shape == real.shape == (2, 18 // M)  # whole chunks only
     assert model.gate_mean().item() == 0.5
     assert not torch.allclose(half_open, off)
     model.gate_mean().backward()  # the budget loss reaches every gate
     gates = [layer.gate for layer in model.layers.values() if getattr(layer, "gate", None) is not None]
-    assert len(gates) == 2 and all(g.logit.grad.abs().item() > 0 for g in gates)
+    assert len(gates) == 2 and all(g.logit_none.grad.abs().item() > 0 for g in gates)
 
     with torch.no_grad():
         for g in gates:
-            g.logit.fill_(-math.inf)
+            g.logit_none.fill_(-1e4)
+            g.logit_full.fill_(-1e4)
         closed = model(tokens, nb, mask)
     assert model.gate_mean().item() == 0.0
     assert torch.equal(closed, off)
+
+
+def test_the_gate_reads_each_chunks_bigram_overlap_with_its_real_neighbours():
+    from megatron.models.retro.gate import neighbor_overlap
+
+    tokens = torch.arange(10, 20)[None]  # chunks 10..13, 14..17 and a partial 18, 19
+    nb = torch.zeros(1, 3, 2, R, dtype=torch.long)
+    nb[0, 0, 0, 2:6] = torch.tensor([10, 11, 12, 13])  # all 3 bigrams of chunk 0
+    nb[0, 0, 1, :4] = torch.tensor([13, 12, 11, 10])  # its tokens, none of its bigrams
+    nb[0, 1, 0, 5:7] = torch.tensor([15, 16])  # 1 of chunk 1's bigrams
+    nb[0, 1, 1, :4] = torch.tensor([14, 15, 16, 17])  # all of them, but masked
+    mask = torch.ones(1, 3, 2, dtype=torch.bool)
+    mask[0, 1, 1] = False
+    overlap = neighbor_overlap(tokens, nb, mask, M)
+    assert overlap.shape == (1, 2, 2)  # the partial chunk's neighbours are read by no position
+    torch.testing.assert_close(overlap[0], torch.tensor([[1.0, 0.0], [1 / 3, 0.0]]))
+    torch.testing.assert_close(neighbor_overlap(tokens, nb, None, M)[0, 1], torch.tensor([1 / 3, 1.0]))
+
+    # The gate: a chunk the neighbours hold is let in more than one they do not, once the end
+    # logits differ; a chunk without a real neighbour gets exactly 0.
+    model = build_retro(rcfg=retro_config(attention_gate=True))
+    gate = model.layers["1"].gate
+    with torch.no_grad():
+        gate.logit_none.fill_(-2.0)
+        gate.logit_full.fill_(2.0)
+    mask[0, 1] = False
+    values = gate.chunk_values(neighbor_overlap(tokens, nb, mask, M), mask[:, :2])
+    torch.testing.assert_close(values, torch.tensor([[torch.sigmoid(torch.tensor(2.0)).item(), 0.0]]))
 
 
 # ---------------------------------------------------------------- FLOPs

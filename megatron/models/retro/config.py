@@ -29,7 +29,7 @@ class RetroConfig:
     # Start of each retro layer's tanh gate on the CCA output (models/retro/gate.py): 0 starts
     # closed, so a new RETRO starts as its GPT; tests open it to exercise the CCA at init.
     cca_gate_init: float = 0.0
-    attention_gate: bool = False  # learned sigmoid gate on each CCA output (adaptive retrieval)
+    attention_gate: bool = False  # learned per-chunk gate on each CCA output (adaptive retrieval)
     # Refuse neighbour tensors whose k differs from num_neighbors; False lets evaluation vary k
     # (the paper evaluates with more neighbours than it trained with).
     verify_neighbor_count: bool = True

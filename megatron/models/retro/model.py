@@ -5,9 +5,10 @@ Per retro layer (RETRO paper, Listing 1):
     x = x + attention(norm(x))
     hn = cca_norm(x)
     E = encoder(neighbours, hn)        first retro layer only; E then feeds every later CCA
-    x = x + gate(tanh(alpha) * cca(hn, E, mask))
+    x = x + gate(tanh(alpha) * cca(hn, E, mask), overlap)
                                        alpha starts at 0 (closed, models/retro/gate.py); the
-                                       sigmoid gate only with --retro-attention-gate
+                                       per-chunk gate, from each chunk's bigram overlap with
+                                       its neighbours, only with --retro-attention-gate
     x = x + mlp(norm(x))
 Without neighbours (retrieval off) a retro layer is exactly a TransformerBlock, and the model
 exactly the GPTModel with the same weights (parameter names are shared, so a GPT state dict
@@ -23,7 +24,7 @@ from megatron.models.gpt.model import GPTModel
 from megatron.models.retro.chunked_cross_attention import ChunkedCrossAttention
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.encoder import RetroEncoder
-from megatron.models.retro.gate import AttentionGate, TanhGate
+from megatron.models.retro.gate import AttentionGate, TanhGate, neighbor_overlap
 from megatron.training.config import ModelConfig
 from megatron.training.flops import gpt_flops_per_token
 from megatron.transformer.block import TransformerBlock
@@ -45,23 +46,23 @@ class RetroBlock(TransformerBlock):
         self.encoder = (RetroEncoder(enc_cfg, cfg.hidden_size, retro_cfg.chunk_length,
                                      retro_cfg.encoder_cross_attention) if with_encoder else None)
         self.cca_gate = TanhGate(retro_cfg.cca_gate_init)
-        self.gate = AttentionGate() if retro_cfg.attention_gate else None
+        self.gate = AttentionGate(retro_cfg.chunk_length) if retro_cfg.attention_gate else None
 
     def forward(self, x: torch.Tensor, rope, neighbors: torch.Tensor | None = None,
-                neighbor_mask: torch.Tensor | None = None):
+                neighbor_mask: torch.Tensor | None = None, overlap: torch.Tensor | None = None):
         """x: [b, s, h]; neighbors: [b, l, k, r, h] embedded neighbour tokens if this layer holds
-        the encoder, else [b, l, k, r, d_enc] encoded ones, or None (retrieval off).
-        Returns (x, encoded neighbours or None)."""
+        the encoder, else [b, l, k, r, d_enc] encoded ones, or None (retrieval off); overlap:
+        RetroModel.neighbor_overlap, for the gate. Returns (x, encoded neighbours or None)."""
         x = self.attend(x, rope)
         if self.gate is not None:
-            self.gate.last_value = None
+            self.gate.last_value = self.gate.last_real = None
         if neighbors is not None:
             hn = self.cca_norm(x)
             if self.encoder is not None:
                 neighbors = self.encoder(neighbors, hn)
             out = self.cca_gate(self.cca(hn, neighbors, neighbor_mask))
             if self.gate is not None:
-                out = self.gate(out)
+                out = self.gate(out, overlap, neighbor_mask)
             x = x + self.dropout(out)
         return self.feed_forward(x), neighbors
 
@@ -110,30 +111,51 @@ class RetroModel(GPTModel):
             neighbor_tokens = neighbor_tokens.masked_fill(~neighbor_mask[..., None], 0)
         return self.tok_embeddings(neighbor_tokens)
 
+    def neighbor_overlap(self, tokens: torch.Tensor, neighbor_tokens: torch.Tensor,
+                         neighbor_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """What the gates read (models/retro/gate.py), [b, s // m, k]; None without them."""
+        if not self.retro_cfg.attention_gate:
+            return None
+        return neighbor_overlap(tokens, neighbor_tokens, neighbor_mask, self.retro_cfg.chunk_length)
+
     def forward(self, tokens: torch.Tensor, neighbor_tokens: torch.Tensor | None = None,
                 neighbor_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [b, s]; neighbor_tokens [b, l, k, r] (None: retrieval off), l = ceil(s / m);
         neighbor_mask bool [b, l, k], True = real neighbour (None: all real). -> logits [b, s, V]."""
         h = self.tok_embeddings(tokens)
         rope = self.rope(tokens.shape[1])
-        neighbors = None
+        neighbors = overlap = None
         if neighbor_tokens is not None:
             self.check_neighbors(tokens, neighbor_tokens, neighbor_mask)
             neighbors = self.embed_neighbors(neighbor_tokens, neighbor_mask)
+            overlap = self.neighbor_overlap(tokens, neighbor_tokens, neighbor_mask)
         for layer in self.layers.values():
             if isinstance(layer, RetroBlock):
-                h, neighbors = layer(h, rope, neighbors, neighbor_mask)
+                h, neighbors = layer(h, rope, neighbors, neighbor_mask, overlap)
             else:
                 h = layer(h, rope)
         return self.output(self.norm(h))
 
+    def chunk_gates(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate of each whole chunk [b, w], mean over the retro layers; bool [b, w], the chunks
+        with a real neighbour) of the last forward; None without --retro-attention-gate or when
+        it ran without neighbours."""
+        gates = [layer.gate for layer in self.layers.values()
+                 if isinstance(layer, RetroBlock) and layer.gate is not None and layer.gate.last_value is not None]
+        if not gates:
+            return None
+        return torch.stack([g.last_value for g in gates]).mean(dim=0), gates[0].last_real
+
     def gate_mean(self) -> torch.Tensor | None:
-        """Mean over retro layers of the gate values used by the last forward (a differentiable
-        scalar, for the budget loss); None without --retro-attention-gate or when the last
-        forward ran without neighbours."""
-        values = [layer.gate.last_value for layer in self.layers.values()
-                  if isinstance(layer, RetroBlock) and layer.gate is not None and layer.gate.last_value is not None]
-        return torch.cat(values).mean() if values else None
+        """Mean gate over the retro layers and the chunks with a real neighbour in the last
+        forward (a differentiable scalar, for the budget loss); exactly 0 when no neighbour
+        reached the model; None as chunk_gates."""
+        gates = self.chunk_gates()
+        if gates is None:
+            return None
+        values, real = gates
+        # A chunk without a real neighbour has gate 0, so the sum is over the real ones.
+        return values.sum() / real.sum().clamp(min=1)
 
 
 def retro_flops_per_token(model_cfg: ModelConfig, retro_cfg: RetroConfig, seq_length: int | None = None) -> float:
