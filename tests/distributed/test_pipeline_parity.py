@@ -2,10 +2,12 @@
 the losses, gradient norms, a sample of gradients (the retrieval encoder's included: its output
 crosses stages and its gradient comes back) and a sample of parameters of pp2 (1F1B, GPipe,
 interleaved with 2 virtual stages per rank), pp2 x dp2 (DDP-style and FSDP2) and pp2 x tp2
-(plain, with sequence parallel, interleaved) equal the single-process run's; so does RETRO's
-gate budget loss under pp2. Through the trainer (pretrain with parallelize_fn): pp2,
-interleaved, pp2 x fsdp2 match one process, and DCP checkpoints move
-between pp2 x tp2 + sp and one process both ways (pp2 <- one process).
+(plain, with sequence parallel, interleaved) equal the single-process run's, and so do RETRO's
+logged gate means; so does training with RETRO's gate budget loss under pp2 (1F1B,
+interleaved) and pp2 x fsdp2 (the budget's gradient runs through the schedule's backward).
+Through the trainer (pretrain with parallelize_fn): pp2, interleaved, pp2 x fsdp2 match one
+process, and DCP checkpoints move between pp2 x tp2 + sp and one process both ways (pp2 <- one
+process).
 
 RETRO (4 layers, retro layers 2 and 3, the encoder in layer 2) is cut three ways:
 - [2, 2]: the encoder in the last layer of stage 0, retro layer 3 the first layer of stage 1, so
@@ -86,29 +88,33 @@ def sample(t: torch.Tensor) -> list[float]:
 
 def reference(kind: str, budget: float = 0.0) -> dict:
     """One process: MICRO micro-batches accumulated with loss / MICRO, clip 1.0, AdamW; with a
-    budget, RETRO's loss + budget x mean gate, as megatron/training/retro.py's forward step."""
+    budget, RETRO's loss + budget x mean gate, as megatron/training/retro.py's forward step.
+    RETRO's gate means are averaged over the micro-batches, as the trainer logs them."""
     model = build_model(kind)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    losses, norms = [], []
+    losses, norms, gate_means = [], [], []
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
-        total = 0.0
+        total = gate_total = 0.0
         for micro in range(MICRO):
             mb = {k: v.chunk(MICRO)[micro] for k, v in make_batch(kind, step).items()}
             text = mb["text"]
             extra = (mb["neighbor_tokens"], mb["neighbor_mask"]) if kind == "retro" else ()
             loss = lm_loss(model(text[:, :-1], *extra), text[:, 1:]) / MICRO
             total += loss.item()
-            if budget:
-                loss = loss + budget * model.gate_mean() / MICRO
+            if kind == "retro":
+                gate_total += model.gate_mean().item() / MICRO
+                if budget:
+                    loss = loss + budget * model.gate_mean() / MICRO
             loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
         losses.append(total)
+        gate_means.append(gate_total)
         params = dict(model.named_parameters())
         grads = {n: sample(params[n].grad) for n in SAMPLED[kind]}
         opt.step()
     params = dict(model.named_parameters())
-    return {"losses": losses, "grad_norms": norms, "grads": grads,
+    return {"losses": losses, "grad_norms": norms, "grads": grads, "gate_means": gate_means if kind == "retro" else [],
             "params": {n: sample(params[n]) for n in SAMPLED[kind]}}
 
 
@@ -127,11 +133,18 @@ def run_pipelined(spec: dict) -> dict:
                           split=spec.get("split"), sequence_parallel=cfg.sequence_parallel,
                           budget_loss_coeff=spec.get("budget", 0.0), fsdp=cfg.data_parallel_type == "fsdp")
     opt = torch.optim.AdamW(pipe.model.parameters(), lr=1e-2, weight_decay=0.1)
-    losses, norms = [], []
+    losses, norms, gate_means = [], [], []
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
         batch = {k: v.chunk(dp_size)[dp_rank] for k, v in make_batch(kind, step).items()}
-        loss = pipe.train_step(batch)["lm loss"]
+        metrics = pipe.train_step(batch)
+        loss = metrics["lm loss"]
+        if kind == "retro":
+            gate_mean = metrics["gate mean"]
+            if dp_size > 1:
+                dist.all_reduce(gate_mean, group=mesh["dp"].get_group())
+                gate_mean /= dp_size
+            gate_means.append(gate_mean.item())
         if dp_size > 1:
             dist.all_reduce(loss, group=mesh["dp"].get_group())
             loss /= dp_size
@@ -144,7 +157,8 @@ def run_pipelined(spec: dict) -> dict:
     mine = {"grads": grads, "params": {n: sample(full(params[n])) for n in SAMPLED[kind] if n in params}}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
-    merged = {"losses": losses, "grad_norms": norms, "split": pipe.split, "grads": {}, "params": {},
+    merged = {"losses": losses, "grad_norms": norms, "gate_means": gate_means, "split": pipe.split,
+              "grads": {}, "params": {},
               "sharded": any(isinstance(p, DTensor) for p in pipe.model.parameters())}
     for part in gathered:
         for key in ("grads", "params"):
@@ -197,9 +211,12 @@ TWO_PROC = {
               "pp2_encoder_first_in_stage": {"split": [1, 3], "schedule": "gpipe"},
               "pp2_balanced": {},
               "pp2_interleaved": {"schedule": "interleaved-1F1B", "virtual": 2},
-              "pp2_budget_loss": {"split": [2, 2], "budget": 0.5}},
+              "pp2_budget_loss": {"split": [2, 2], "budget": 0.5},
+              "pp2_interleaved_budget_loss": {"schedule": "interleaved-1F1B", "virtual": 2, "budget": 0.5}},
 }
-FOUR_PROC = {"pp2_dp2": {}, "pp2_fsdp2": {"dp_type": "fsdp"}, "pp2_tp2": {"tp": 2}, "pp2_tp2_sp": {"tp": 2, "sp": True, "split": [2, 2]},
+FOUR_PROC = {"pp2_dp2": {}, "pp2_fsdp2": {"dp_type": "fsdp"},
+             "pp2_fsdp2_budget_loss": {"dp_type": "fsdp", "budget": 0.5, "split": [2, 2]},
+             "pp2_tp2": {"tp": 2}, "pp2_tp2_sp": {"tp": 2, "sp": True, "split": [2, 2]},
              "pp2_tp2_interleaved": {"tp": 2, "schedule": "interleaved-1F1B", "virtual": 2}}
 
 
@@ -213,6 +230,7 @@ def assert_same(got: dict, want: dict, what: str):
     close = lambda a, b, m, k=1: torch.testing.assert_close(  # noqa: E731
         torch.tensor(a), torch.tensor(b), rtol=RTOL * k, atol=ATOL * k, msg=lambda e: f"{what}: {m}\n{e}")
     close(got["losses"], want["losses"], "losses differ")
+    close(got["gate_means"], want["gate_means"], "gate means differ")
     close(got["grad_norms"], want["grad_norms"], "gradient norms differ", 10)
     for key in ("grads", "params"):
         assert set(got[key]) == set(want[key]), f"{what}: {key} sampled {sorted(got[key])}"
@@ -250,8 +268,9 @@ def test_pipeline_two_process_layouts_match_one_process(two_proc, single, kind):
 def test_pipeline_times_data_parallel_matches_one_process(tmp_path, single, kind):
     specs = [{"name": name, "kind": kind, **spec} for name, spec in FOUR_PROC.items()]
     got = launched(tmp_path, specs, 4, timeout=240)
-    for name in FOUR_PROC:
-        assert_same(got[name], single, f"{kind} {name}")
+    for name, spec in FOUR_PROC.items():
+        want = reference(kind, spec["budget"]) if "budget" in spec else single
+        assert_same(got[name], want, f"{kind} {name}")
     assert got["pp2_fsdp2"]["sharded"] and not got["pp2_dp2"]["sharded"]
 
 
