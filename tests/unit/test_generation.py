@@ -206,12 +206,15 @@ def workspace(tmp_path_factory):
     return {"ws": ws, "tokenizer": tok, "work_dir": wd}
 
 
-def retro_for_workdir(vocab_size: int, seed=0):
+def retro_for_workdir(vocab_size: int, seed=0, gate=False):
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=vocab_size, num_layers=2, hidden_size=32, num_attention_heads=2, seq_length=SEQ)
     model = RetroModel(cfg, RetroConfig(chunk_length=64, num_neighbors=2, decoder_layers=[2], encoder_num_layers=1,
-                                        cca_gate_init=0.5))
+                                        cca_gate_init=0.5, attention_gate=gate))
     model.init_weights()
+    if gate:  # a gate that opens with the overlap
+        model.layers["1"].gate.logit_none.data.fill_(-1.0)
+        model.layers["1"].gate.logit_full.data.fill_(2.0)
     return model.eval()
 
 
@@ -279,14 +282,14 @@ def test_text_generation_tool_shows_neighbours_for_each_chunk(workspace, tmp_pat
 
 
 @pytest.mark.slow
-def workdir_retro_and_config(workspace):
+def workdir_retro_and_config(workspace, gate=False):
     """A tiny RETRO for the fixture's work dir and the run config a checkpoint of it records."""
     from megatron.data.tokenizers import build_tokenizer
     from megatron.training.config import Config, DataConfig, TrainingConfig
     from megatron.training.retro import RetroTrainingConfig
 
     tokenizer = build_tokenizer("HuggingFaceTokenizer", str(workspace["tokenizer"]))
-    model = retro_for_workdir(128 * -(-tokenizer.vocab_size // 128))
+    model = retro_for_workdir(128 * -(-tokenizer.vocab_size // 128), gate=gate)
     cfg = Config(model=model.cfg,
                  data=DataConfig(data_path=[str(workspace["ws"] / "data" / "stdlib_text_document")], split="75,25,0",
                                  tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(workspace["tokenizer"])),
@@ -340,6 +343,42 @@ def test_evaluate_overlap_buckets_partition_the_chunks_and_their_loss(workspace,
         loss = torch.nn.functional.cross_entropy(logits[:, 63:127].flatten(0, 1), labels[:, 63:127].flatten())
         assert float(loss) == pytest.approx(expected, rel=1e-4)
     assert on != off  # the neighbours reach the scored positions
+
+
+def test_evaluate_reports_the_gate_per_mode_and_per_overlap_bucket(workspace, tmp_path):
+    """With --retro-attention-gate: gate_mean 0.0 with retrieval off, the model's mean over chunks
+    with a real neighbour otherwise, and each overlap bucket's mean gate (chunk 1 of each sample
+    is scored; it reads chunk 0's neighbours, so its gate is chunk 0's)."""
+    from megatron.training import retro
+    from megatron.training.checkpointing import TrainState, save_checkpoint
+    from megatron.training.trainer import sample_counts
+    from tools.retro.evaluate import evaluate
+
+    model, cfg = workdir_retro_and_config(workspace, gate=True)
+    save_checkpoint(str(tmp_path / "ckpt"), TrainState(iteration=4), model, None, None, dataclasses.asdict(cfg))
+    results = evaluate(str(tmp_path / "ckpt"), str(workspace["work_dir"]), eval_samples=4, overlap_buckets=True)
+    assert results["retrieval_off"]["gate_mean"] == 0.0
+
+    cfg = retro.config_from_checkpoint(str(tmp_path / "ckpt" / "iter_0000004"), str(workspace["work_dir"]))
+    retro.prepare(cfg)
+    _, valid, _ = retro.datasets(cfg, sample_counts(cfg), retrieval="on", training=False)
+    items = [valid[i] for i in range(4)]
+    batch = {key: torch.from_numpy(np.stack([item[key] for item in items])) for key in ("text", "neighbor_tokens",
+                                                                                        "neighbor_mask")}
+    means = []
+    with torch.no_grad():
+        for half in (slice(0, 2), slice(2, 4)):  # the run's micro-batches of 2: their means are averaged
+            model(batch["text"][half, :-1], batch["neighbor_tokens"][half], batch["neighbor_mask"][half])
+            means.append(model.gate_mean().item())
+        model(batch["text"][:, :-1], batch["neighbor_tokens"], batch["neighbor_mask"])
+    values, real = model.chunk_gates()
+    assert real[:, 0].all() and len(set(values[:, 0].tolist())) > 1  # the gate differs between chunks
+    assert results["retrieval_on"]["gate_mean"] == pytest.approx(sum(means) / 2, rel=1e-5)
+    assert 0.0 < results["random_retrieval"]["gate_mean"] < 1.0
+    buckets = results["overlap_buckets"].values()
+    assert sum(b["gate_mean"] * b["chunks"] for b in buckets if b["chunks"]) == pytest.approx(
+        values[:, 0].sum().item(), rel=1e-5)
+    assert all(b["gate_mean"] is None for b in buckets if not b["chunks"])
 
 
 def test_evaluate_ckpt_step_scores_that_iteration_not_the_latest(workspace, tmp_path):

@@ -17,7 +17,9 @@ Prints and writes (with --output) JSON of this shape:
 
 Off = no neighbour reaches any chunked cross-attention; random = neighbours drawn uniformly from
 the valid chunks of the DB, masked like the retrieved ones. A GPT checkpoint (trained without
---retro-add-retriever) has only "retrieval_off". gate_mean is 1.0 without --retro-attention-gate.
+--retro-add-retriever) has only "retrieval_off". gate_mean: with --retro-attention-gate the
+mean per-chunk gate over the chunks with a real neighbour (as the budget loss sees it), so 0.0
+with retrieval off; 1.0 without --retro-attention-gate.
 
 --copy-probe adds "copy_probe" (megatron/training/copy_probe.py): lm loss on random tokens that
 only copying predicts, from the model's own context and (RETRO) from a neighbour holding the text,
@@ -28,14 +30,18 @@ learnt the skill retrieval rests on; one that copies there but gains nothing has
 
     "overlap_ngram": 13,
     "overlap_buckets": {"0" | "<=20%" | "<=50%" | "<=80%" | ">80%":
-                        {"chunks", "lm_loss_on", "lm_loss_off", "delta_lm_loss_off_minus_on"}}
+                        {"chunks", "lm_loss_on", "lm_loss_off", "delta_lm_loss_off_minus_on",
+                         "gate_mean"}}
 
 For each whole chunk C_v (v >= 1) of each evaluated sample: the tokens of C_v are predicted by
 the positions that read the neighbours of C_{v-1} (chunked cross-attention is shifted by one
 chunk), so its overlap is the largest fraction of C_v's 13-grams of tokens found in any one of
 those neighbours (chunk + continuation); its loss is the mean lm loss of predicting C_v's
-tokens, with retrieval on and off. Bucket "0" holds overlap exactly 0, "<=20%" (0, 0.2], and so
-on. Chunk 0 reads no neighbour and is left out.
+tokens, with retrieval on and off; its gate is the gate of C_{v-1}, whose neighbours those
+positions read (mean over retro layers; gate_mean of a bucket: over its chunks whose C_{v-1} has a
+real neighbour, None if none has; 1.0 without --retro-attention-gate), so a reader sees whether
+the gate opens where the neighbours hold the text. Bucket "0" holds overlap exactly 0, "<=20%"
+(0, 0.2], and so on. Chunk 0 reads no neighbour and is left out.
 """
 
 import argparse
@@ -98,11 +104,11 @@ def bucket_of(overlap: float) -> str:
 
 @torch.no_grad()
 def evaluate_overlap_buckets(model, cfg: Config, num_samples: int, device) -> dict:
-    """Per-chunk lm loss with retrieval on and off, grouped by the chunk's overlap with the
-    neighbours it reads (see the module docstring)."""
+    """Per-chunk lm loss with retrieval on and off and gate, grouped by the chunk's overlap with
+    the neighbours it reads (see the module docstring)."""
     _, valid, _ = retro.datasets(cfg, sample_counts(cfg), retrieval="on", training=False)
     m = cfg.extra["retro"].model.chunk_length
-    sums = {name: {"chunks": 0, "on": 0.0, "off": 0.0} for name, _ in OVERLAP_BUCKETS}
+    sums = {name: {"chunks": 0, "on": 0.0, "off": 0.0, "gated": 0, "gate": 0.0} for name, _ in OVERLAP_BUCKETS}
     mbs = cfg.training.micro_batch_size
     seen = 0
     for batch in build_data_loader(valid, mbs, 0):
@@ -113,9 +119,12 @@ def evaluate_overlap_buckets(model, cfg: Config, num_samples: int, device) -> di
         tokens, labels = text[:, :-1], text[:, 1:]
         nb, mask = batch["neighbor_tokens"].to(device), batch["neighbor_mask"].to(device)
         losses = {}
-        for mode, mode_mask in (("on", mask), ("off", torch.zeros_like(mask))):
+        for mode, mode_mask in (("off", torch.zeros_like(mask)), ("on", mask)):
             logits = model(tokens, nb, mode_mask).float()
             losses[mode] = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+        gates = retro._unwrap(model).chunk_gates()  # of the last forward, retrieval on
+        real = mask.any(dim=-1)
+        gates = real.float() if gates is None else gates[0]  # ungated: 1 wherever a neighbour is
         for i in range(len(text)):
             overlaps = chunk_overlaps(batch["text"][i].numpy(), batch["neighbor_tokens"][i].numpy(),
                                       batch["neighbor_mask"][i].numpy(), m)
@@ -125,12 +134,16 @@ def evaluate_overlap_buckets(model, cfg: Config, num_samples: int, device) -> di
                 bucket["chunks"] += 1
                 for mode in ("on", "off"):
                     bucket[mode] += float(losses[mode][i, v * m - 1:(v + 1) * m - 1].mean())
+                if real[i, v - 1]:
+                    bucket["gated"] += 1
+                    bucket["gate"] += float(gates[i, v - 1])
     out = {}
     for name, b in sums.items():
         on = b["on"] / b["chunks"] if b["chunks"] else None
         off = b["off"] / b["chunks"] if b["chunks"] else None
         out[name] = {"chunks": b["chunks"], "lm_loss_on": on, "lm_loss_off": off,
-                     "delta_lm_loss_off_minus_on": None if on is None else off - on}
+                     "delta_lm_loss_off_minus_on": None if on is None else off - on,
+                     "gate_mean": b["gate"] / b["gated"] if b["gated"] else None}
     return out
 
 
