@@ -266,9 +266,11 @@ def test_pipeline_two_process_layouts_match_one_process(two_proc, single, kind):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_pipeline_times_data_parallel_matches_one_process(tmp_path, single, kind):
-    specs = [{"name": name, "kind": kind, **spec} for name, spec in FOUR_PROC.items()]
+    # The budget loss prices RETRO's gates: a GPT has none.
+    layouts = {name: spec for name, spec in FOUR_PROC.items() if kind == "retro" or "budget" not in spec}
+    specs = [{"name": name, "kind": kind, **spec} for name, spec in layouts.items()]
     got = launched(tmp_path, specs, 4, timeout=240)
-    for name, spec in FOUR_PROC.items():
+    for name, spec in layouts.items():
         want = reference(kind, spec["budget"]) if "budget" in spec else single
         assert_same(got[name], want, f"{kind} {name}")
     assert got["pp2_fsdp2"]["sharded"] and not got["pp2_dp2"]["sharded"]
