@@ -69,12 +69,15 @@ def add_retro_args(parser):
     g.add_argument("--retro-num-neighbors", type=int, default=2, help="k neighbours per chunk (<= saved)")
     g.add_argument("--retro-decoder-layers", type=int, nargs="+", default=None,
                    help="1-based decoder layers with chunked cross-attention (default: Megatron-LM's, "
-                        "every third from layer 6 (<= 15 layers) or 9; small models: from layer 2)")
+                        "every third from layer 6 (<= 15 layers) or 9; under 6 layers: every third back from the last)")
     g.add_argument("--retro-encoder-layers", type=int, default=2)
     g.add_argument("--retro-encoder-hidden-size", type=int, default=None)
     g.add_argument("--retro-encoder-attention-heads", type=int, default=None)
     g.add_argument("--retro-encoder-cross-attention", choices=["first", "all"], default="first",
                    help="encoder layers conditioned on the decoder chunk (paper and Megatron-LM: first)")
+    g.add_argument("--retro-cca-gate-init", type=float, default=RetroConfig.cca_gate_init,
+                   help="start of each retro layer's tanh(alpha) gate on its chunked cross-attention "
+                        "output (alpha; 0 starts closed, as Flamingo, and does not open: docs/experiments.md)")
     g.add_argument("--retro-attention-gate", action="store_true",
                    help="learned per-chunk gate on each chunked cross-attention output, from the chunk's "
                         "bigram overlap with its neighbours (models/retro/gate.py)")
@@ -102,7 +105,7 @@ def retro_config_from_args(args) -> dict:
         encoder_hidden_size=args.retro_encoder_hidden_size,
         encoder_num_attention_heads=args.retro_encoder_attention_heads,
         encoder_cross_attention=args.retro_encoder_cross_attention,
-        attention_gate=args.retro_attention_gate)
+        cca_gate_init=args.retro_cca_gate_init, attention_gate=args.retro_attention_gate)
     return {"retro": RetroTrainingConfig(
         add_retriever=args.retro_add_retriever, work_dir=os.path.abspath(args.retro_work_dir), model=model,
         budget_loss_coeff=args.retro_budget_loss_coeff, no_retrieval_prob=args.retro_no_retrieval_prob,

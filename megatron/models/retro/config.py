@@ -26,9 +26,12 @@ class RetroConfig:
     # Which encoder layers cross-attend to the decoder states of the chunk they serve: the
     # paper (and Megatron-LM) condition the first encoder layer only.
     encoder_cross_attention: str = "first"
-    # Start of each retro layer's tanh gate on the CCA output (models/retro/gate.py): 0 starts
-    # closed, so a new RETRO starts as its GPT; tests open it to exercise the CCA at init.
-    cca_gate_init: float = 0.0
+    # Start of each retro layer's tanh gate on the CCA output (models/retro/gate.py): alpha = 0.1
+    # adds a tenth of the CCA's output, too little to slow the decoder, yet enough for the CCA to
+    # learn. A gate at 0 (Flamingo's) starts with no CCA gradient and alpha random-walks around 0,
+    # flipping the sign of every CCA gradient: on real text it stayed closed for 400-800 steps
+    # even with neighbours that hold the text (docs/experiments.md, tools/retro/oracle_neighbors.py).
+    cca_gate_init: float = 0.1
     attention_gate: bool = False  # learned per-chunk gate on each CCA output (adaptive retrieval)
     # Refuse neighbour tensors whose k differs from num_neighbors; False lets evaluation vary k
     # (the paper evaluates with more neighbours than it trained with).
@@ -49,9 +52,10 @@ class RetroConfig:
         """The 1-based decoder layers carrying CCA, sorted.
 
         Default (Megatron-LM): every third layer from layer 6 for up to 15 layers, from layer 9
-        above. A model too shallow for that (fewer than 6 layers) falls back to every third layer
-        from layer 2 (2, 5, ...), and a 1-layer model to layer 1, so that a small model still
-        retrieves.
+        above. A model too shallow for that (fewer than 6 layers) takes every third layer counting
+        back from its last, down to layer 2 (4 layers: 4; 5: 2, 5), or layer 1 in a 1-layer
+        model: a CCA in the last layer learns to copy from neighbours about 3x faster than one
+        in layer 2 of 4 (docs/experiments.md).
         """
         if self.decoder_layers is not None:
             numbers = sorted(set(self.decoder_layers))
@@ -61,7 +65,7 @@ class RetroConfig:
                     f"--retro-decoder-layers {self.decoder_layers} must name layers in 1..{num_layers}")
             return numbers
         start = 6 if num_layers <= 15 else 9
-        numbers = list(range(start, num_layers + 1, 3)) or list(range(2, num_layers + 1, 3))
+        numbers = list(range(start, num_layers + 1, 3)) or sorted(range(num_layers, 1, -3))
         return numbers or [1]
 
     def encoder_model_config(self, model_cfg: ModelConfig) -> ModelConfig:
