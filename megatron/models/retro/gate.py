@@ -1,11 +1,13 @@
 """Gates on a chunked cross-attention output.
 
-TanhGate (every retro layer): Flamingo's tanh(alpha) gate, alpha starting at 0, so a new
-RETRO starts as its GPT and retrieval opens only as fast as Adam moves one scalar (about lr per
-step). Without it the CCA output, read from the unit-RMS encoder output, is about a third of the
-residual stream at init and grows as Adam moves every CCA weight at lr whether or not its
-gradient carries signal; that injected neighbour-dependent noise made RETRO train ~0.1 nats
-behind its GPT with any neighbours, real or random (docs/experiments.md).
+TanhGate (every retro layer): Flamingo's tanh(alpha) gate on the CCA output, alpha starting at
+RetroConfig.cca_gate_init (0.1). Without a gate the CCA output, read from the unit-RMS encoder
+output, is about a third of the residual stream at init and grows as Adam moves every CCA weight
+at lr whether or not its gradient carries signal; that injected neighbour-dependent noise made
+RETRO train ~0.1 nats behind its GPT with any neighbours, real or random. Flamingo's start at 0
+removes the noise but also the CCA's gradient: alpha then random-walks around 0, flipping the
+sign of every CCA gradient, and the gate stayed shut even over neighbours that held the text.
+A tenth of the output disturbs the decoder little and lets the CCA learn (docs/experiments.md).
 
 AttentionGate (--retro-attention-gate, adaptive retrieval): a value in [0, 1] per chunk u,
 sigmoid((1 - o_u) * logit_none + o_u * logit_full), multiplying the CCA output of the positions
