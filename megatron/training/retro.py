@@ -77,7 +77,8 @@ def add_retro_args(parser):
                    help="encoder layers conditioned on the decoder chunk (paper and Megatron-LM: first)")
     g.add_argument("--retro-cca-gate-init", type=float, default=RetroConfig.cca_gate_init,
                    help="start of each retro layer's tanh(alpha) gate on its chunked cross-attention "
-                        "output (alpha; 0 starts closed, as Flamingo, and does not open: docs/experiments.md)")
+                        "output (alpha; 0 starts closed, as Flamingo, and stayed closed on real text: "
+                        "docs/experiments.md)")
     g.add_argument("--retro-attention-gate", action="store_true",
                    help="learned per-chunk gate on each chunked cross-attention output, from the chunk's "
                         "bigram overlap with its neighbours (models/retro/gate.py)")

@@ -142,7 +142,8 @@ def main(argv=None):
     ds = IndexedDataset(args.data_prefix)
     stream = np.concatenate([ds[i] for i in range(len(ds))])
     if stream.max() >= args.vocab_size:
-        raise SystemExit(f"error: {args.data_prefix}.bin holds token id {stream.max()} >= --vocab-size {args.vocab_size}")
+        raise SystemExit(f"error: {args.data_prefix}.bin holds token id {stream.max()} "
+                         f">= --vocab-size {args.vocab_size}")
     batches = OracleBatches(stream, args)
     model, forward_step = build(args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
