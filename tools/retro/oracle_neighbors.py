@@ -17,13 +17,12 @@ batch the loss with neighbours on and off, over all tokens and over the "readers
 retro layer's tanh gate. readers_off - readers_on is what retrieval is worth where it must help.
 
 Not a benchmark of a real work dir: the neighbours are leaked on purpose. AdamW, betas (0.9,
-0.95), weight decay 0.01, clipping 1.0, linear warmup over 5% then cosine to lr / 10, as the
-quickstart trains.
+0.95), weight decay 0.01, clipping 1.0, and the trainer's schedule (lr_at: linear warmup over 5%,
+then cosine to lr / 10), as the quickstart trains.
 """
 
 import argparse
 import json
-import math
 import time
 
 import numpy as np
@@ -35,6 +34,7 @@ from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.gate import TanhGate
 from megatron.training import retro
 from megatron.training.config import Config, ModelConfig
+from megatron.training.lr_schedule import lr_at
 
 
 def parse_args(argv=None):
@@ -148,8 +148,6 @@ def main(argv=None):
     model, forward_step = build(args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, args.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * (
-        0.1 + 0.45 * (1 + math.cos(math.pi * min(i + 1, args.steps) / args.steps))))
     train_g, held_g = np.random.default_rng(args.seed), np.random.default_rng(args.seed + 1)
     held, useful = batches(args.eval_samples, True, held_g)
     readers = reader_positions(useful, args.seq_length, args.retro_chunk_length)
@@ -164,12 +162,13 @@ def main(argv=None):
 
     log(0, None)
     for step in range(1, args.steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.lr, args.lr / 10, warmup, args.steps, "cosine")
         loss, _ = forward_step(model, batches(args.batch_size, False, train_g)[0])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        schedule.step()
         if step % args.log_interval == 0 or step == args.steps:
             log(step, round(loss.item(), 4))
 

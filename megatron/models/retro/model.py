@@ -6,7 +6,7 @@ Per retro layer (RETRO paper, Listing 1):
     hn = cca_norm(x)
     E = encoder(neighbours, hn)        first retro layer only; E then feeds every later CCA
     x = x + gate(tanh(alpha) * cca(hn, E, mask), overlap)
-                                       alpha starts at 0 (closed, models/retro/gate.py); the
+                                       alpha starts at 0.1 (models/retro/gate.py); the
                                        per-chunk gate, from each chunk's bigram overlap with
                                        its neighbours, only with --retro-attention-gate
     x = x + mlp(norm(x))
