@@ -90,8 +90,11 @@ def main(argv=None):
     prompt = [int(t) for t in prompt[prompt != db.eod][:args.prompt_tokens]]
     new_tokens = min(args.new_tokens or positions, positions - len(prompt))
 
-    retrievers = {"on": LiveRetriever(args.retro_work_dir, tokenizer, num_neighbors, "on", device=device),
-                  "random": LiveRetriever(args.retro_work_dir, tokenizer, num_neighbors, "random")}
+    align = model.retro_cfg.align_neighbors
+    retrievers = {"on": LiveRetriever(args.retro_work_dir, tokenizer, num_neighbors, "on", device=device,
+                                      align_neighbors=align),
+                  "random": LiveRetriever(args.retro_work_dir, tokenizer, num_neighbors, "random",
+                                          align_neighbors=align)}
     retrievers["on"].retrieve(np.array([prompt[:db.chunk_length]]))  # loads BERT before timing
     results = {"device": str(device), "model": "checkpoint " + args.load if args.load else "random",
                "parameters": sum(p.numel() for p in model.parameters()), "chunk_length": db.chunk_length,

@@ -23,7 +23,7 @@ class RetroDataset:
     def __init__(self, gpt_dataset, neighbor_ids: np.ndarray, chunk_db, num_neighbors: int,
                  chunk_length: int, seq_length: int, retrieval: str = "on",
                  no_retrieval_prob: float = 0.0, random_retrieval_prob: float = 0.0, seed: int = 0,
-                 name: str = "train"):
+                 name: str = "train", align_neighbors: bool = False):
         if retrieval not in RETRIEVAL_MODES:
             raise ValueError(f"retrieval mode {retrieval!r} not in {RETRIEVAL_MODES}")
         if no_retrieval_prob + random_retrieval_prob > 1.0:
@@ -50,6 +50,8 @@ class RetroDataset:
         self.no_retrieval_prob = no_retrieval_prob
         self.random_retrieval_prob = random_retrieval_prob
         self.seed = seed
+        self.chunk_length, self.seq_length = chunk_length, seq_length
+        self.align_neighbors = align_neighbors
 
     def __len__(self):
         return len(self.gpt_dataset)
@@ -64,6 +66,14 @@ class RetroDataset:
             return "random"
         return "on"
 
+    def sample_chunks(self, text) -> np.ndarray:
+        """[l, m]: the sample's chunks (what each chunk's neighbours were retrieved for), the
+        last EOD-padded when m does not divide the seq length."""
+        m, l = self.chunk_length, -(-self.seq_length // self.chunk_length)
+        tokens = np.full(l * m, self.chunk_db.eod, dtype=np.int64)
+        tokens[:self.seq_length] = np.asarray(text[:self.seq_length])
+        return tokens.reshape(l, m)
+
     def __getitem__(self, idx: int) -> dict:
         item = dict(self.gpt_dataset[idx])
         ids = np.asarray(self.neighbor_ids[idx, :, : self.num_neighbors], dtype=np.int64)
@@ -75,6 +85,7 @@ class RetroDataset:
             rng = np.random.default_rng((self.seed, idx, 1))
             ids = self.chunk_db.random_valid_ids(ids.size, rng).reshape(ids.shape)
         # Masked slots are read as chunk -1 (all EOD) and ignored by the model.
-        item["neighbor_tokens"] = self.chunk_db.get_tokens(np.where(mask, ids, -1))
+        item["neighbor_tokens"] = self.chunk_db.get_tokens(np.where(mask, ids, -1),
+                                                           self.sample_chunks(item["text"]) if self.align_neighbors else None)
         item["neighbor_mask"] = mask
         return item

@@ -3,7 +3,8 @@
 The chunk goes down the same path as the DB's chunks and the training samples' queries
 (megatron/retro/query.py): GPT tokens, EOD removed, detokenized, embedded with the work dir's
 frozen BERT, searched in the work dir's faiss index; candidates that are not valid DB chunks
-are dropped and the first k kept, each read with its continuation from the chunk DB. Unlike
+are dropped and the first k kept, each read with its continuation from the chunk DB (aligned to
+the chunk when the model was trained so). Unlike
 preprocessing, no document is excluded: a generated text has no document in the DB.
 
 Modes: "on" as above; "random": k valid DB chunks drawn uniformly (the evaluation ablation);
@@ -25,7 +26,9 @@ RETRIEVAL_MODES = ("on", "off", "random")
 
 class LiveRetriever:
     def __init__(self, work_dir: str, tokenizer, num_neighbors: int, mode: str = "on", seed: int = 0,
-                 device=None, embed_batch_size: int = 16):
+                 device=None, embed_batch_size: int = 16, align_neighbors: bool = False):
+        """align_neighbors: read neighbours aligned to their chunk, as a model trained with
+        --retro-align-neighbors saw them (RetroConfig.align_neighbors)."""
         if mode not in ("on", "random"):
             raise ValueError(f"retrieval mode {mode!r}: a retriever serves 'on' or 'random'")
         cfg = load_workdir_config(work_dir)
@@ -34,6 +37,7 @@ class LiveRetriever:
         self.mode = mode
         self.tokenizer = tokenizer
         self.num_neighbors = num_neighbors
+        self.align_neighbors = align_neighbors
         self.db = ChunkDB(work_dir, cfg)
         self.chunk_length = self.db.chunk_length
         self.rng = np.random.default_rng(seed)
@@ -66,6 +70,6 @@ class LiveRetriever:
                                    np.full((n, 1), NO_DOCUMENT, dtype=np.int64), k)
             ids[~np.any(queries != 0, axis=1)] = -1  # no BERT text: no meaningful query
         mask = ids >= 0
-        tokens = self.db.get_tokens(ids)
+        tokens = self.db.get_tokens(ids, chunks if self.align_neighbors else None)
         self.seconds += time.perf_counter() - start
         return ids, tokens, mask

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron.data.indexed_dataset import IndexedDataset
+from megatron.retro.align import alignment_shifts
 from megatron.retro.workdir import WorkDir, load_workdir_config, open_memmap_atomic
 
 DATASET, DOCUMENT, OFFSET, LENGTH = range(4)
@@ -161,21 +162,40 @@ class ChunkDB:
         return self.source.gather(rows[:, DATASET], rows[:, DOCUMENT], rows[:, OFFSET], rows[:, LENGTH],
                                   self.chunk_length)
 
-    def get_tokens(self, chunk_ids) -> np.ndarray:
+    def get_tokens(self, chunk_ids, align_to=None) -> np.ndarray:
         """int64 [..., 2m]: each chunk followed by its continuation within the same document,
-        EOD-padded past the document's end. An id of -1 gives all EOD (the caller masks it)."""
+        EOD-padded past the document's end. An id of -1 gives all EOD (the caller masks it).
+
+        align_to: int64 [..., m] the chunk each neighbour was retrieved for (broadcast over the
+        last axis of chunk_ids: [..., k] ids take [..., m] chunks), or None. Given, each window
+        is moved by up to m tokens within its document to where that chunk sits in it
+        (megatron/retro/align.py); before the document's start comes EOD padding too."""
         ids = np.asarray(chunk_ids, dtype=np.int64)
         flat = ids.reshape(-1)
-        width = 2 * self.chunk_length
-        out = np.full((len(flat), width), self.eod, dtype=np.int64)
+        m = self.chunk_length
+        out = np.full((len(flat), 2 * m), self.eod, dtype=np.int64)
         present = np.flatnonzero(flat >= 0)
         if len(present):
             rows = self._rows(flat[present])
             lengths = self.source.document_lengths(rows[:, DATASET], rows[:, DOCUMENT])
-            counts = np.minimum(width, lengths - rows[:, OFFSET])
-            out[present] = self.source.gather(rows[:, DATASET], rows[:, DOCUMENT], rows[:, OFFSET],
-                                              counts, width)
-        return out.reshape(*ids.shape, width)
+            if align_to is None:
+                counts = np.minimum(2 * m, lengths - rows[:, OFFSET])
+                out[present] = self.source.gather(rows[:, DATASET], rows[:, DOCUMENT], rows[:, OFFSET],
+                                                  counts, 2 * m)
+            else:
+                queries = np.broadcast_to(np.asarray(align_to, dtype=np.int64)[..., None, :],
+                                          (*ids.shape, m)).reshape(-1, m)[present]
+                # m tokens before the chunk (none before the document's first) and 3m from it.
+                lead = np.minimum(m, rows[:, OFFSET])
+                starts = rows[:, OFFSET] - lead
+                counts = np.minimum(4 * m - (m - lead), lengths - starts)
+                gathered = self.source.gather(rows[:, DATASET], rows[:, DOCUMENT], starts, counts, 4 * m)
+                columns = np.arange(4 * m)[None, :] - (m - lead)[:, None]
+                windows = np.where(columns >= 0, np.take_along_axis(gathered, np.maximum(columns, 0), 1), self.eod)
+                shifts = alignment_shifts(queries, windows, m, self.eod)
+                cols = m + shifts[:, None] + np.arange(2 * m)[None, :]
+                out[present] = np.take_along_axis(windows, cols, 1)
+        return out.reshape(*ids.shape, 2 * m)
 
     def random_valid_ids(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """n chunk ids drawn uniformly from the valid chunks, by rejection (valid is nearly all)."""

@@ -7,6 +7,7 @@ row i belongs to the GPT dataset's sample i only when both were built from the s
 seq length, seed, tokenizer and sample counts, so a mismatch is refused, naming the field.
 """
 
+import argparse
 import dataclasses
 import os
 
@@ -79,6 +80,11 @@ def add_retro_args(parser):
                    help="start of each retro layer's tanh(alpha) gate on its chunked cross-attention "
                         "output (alpha; 0 starts closed, as Flamingo, and stayed closed on real text: "
                         "docs/experiments.md)")
+    g.add_argument("--retro-align-neighbors", action=argparse.BooleanOptionalAction,
+                   default=RetroConfig.align_neighbors,
+                   help="read each neighbour's 2m tokens from where the chunk it was retrieved for sits "
+                        "in it, moved by up to m tokens (megatron/retro/align.py); --no-retro-align-neighbors "
+                        "reads chunk + continuation from the DB's chunk boundary, as the paper")
     g.add_argument("--retro-attention-gate", action="store_true",
                    help="learned per-chunk gate on each chunked cross-attention output, from the chunk's "
                         "bigram overlap with its neighbours (models/retro/gate.py)")
@@ -106,7 +112,9 @@ def retro_config_from_args(args) -> dict:
         encoder_hidden_size=args.retro_encoder_hidden_size,
         encoder_num_attention_heads=args.retro_encoder_attention_heads,
         encoder_cross_attention=args.retro_encoder_cross_attention,
-        cca_gate_init=args.retro_cca_gate_init, attention_gate=args.retro_attention_gate)
+        cca_gate_init=args.retro_cca_gate_init,
+        align_neighbors=args.retro_align_neighbors,
+        attention_gate=args.retro_attention_gate)
     return {"retro": RetroTrainingConfig(
         add_retriever=args.retro_add_retriever, work_dir=os.path.abspath(args.retro_work_dir), model=model,
         budget_loss_coeff=args.retro_budget_loss_coeff, no_retrieval_prob=args.retro_no_retrieval_prob,
@@ -149,7 +157,8 @@ def config_from_checkpoint(path: str, work_dir: str) -> Config:
     saved_retro = saved.get("extra", {}).get("retro")
     if saved_retro is None:
         raise ValueError(f"{path}: not a pretrain_retro.py checkpoint (its config has no retro section)")
-    model = RetroConfig(**saved_retro.pop("model"))
+    # Checkpoints from before aligned neighbours were trained on the DB's chunk boundaries.
+    model = RetroConfig(**{"align_neighbors": False, **saved_retro.pop("model")})
     cfg.extra["retro"] = RetroTrainingConfig(**dict(saved_retro, model=model, work_dir=os.path.abspath(work_dir)))
     return cfg
 
@@ -245,7 +254,7 @@ def datasets(cfg: Config, num_samples, retrieval: str = "on", training: bool = T
         return RetroDataset(ds, load_neighbors(retro.work_dir, split), db, retro.model.num_neighbors,
                             retro.model.chunk_length, cfg.model.seq_length, retrieval=mode,
                             no_retrieval_prob=no_p, random_retrieval_prob=random_p,
-                            seed=cfg.training.seed, name=split)
+                            seed=cfg.training.seed, name=split, align_neighbors=retro.model.align_neighbors)
 
     train = wrap(train, "train", "on", retro.no_retrieval_prob, retro.random_retrieval_prob) if training else None
     return train, wrap(valid, "valid", retrieval), None

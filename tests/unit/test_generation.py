@@ -242,6 +242,13 @@ def test_live_retrieval_finds_the_prompt_documents_own_chunks(workspace):
     ids, _, mask = retriever.retrieve(np.array([prompt[64:128]]))
     assert doc_start + 1 in ids[0][mask[0]].tolist()
 
+    # Aligned (--retro-align-neighbors): a chunk found 10 tokens into a DB chunk is read from there.
+    aligned = LiveRetriever(str(workspace["work_dir"]), tokenizer, num_neighbors=2, align_neighbors=True)
+    query = np.array([prompt[10:74]])
+    ids, tokens, mask = aligned.retrieve(query)
+    own = [j for j in range(2) if mask[0, j] and ids[0, j] in (doc_start, doc_start + 1)]
+    assert own and all(np.array_equal(tokens[0, j, :64], query[0]) for j in own)
+
     random_retriever = LiveRetriever(str(workspace["work_dir"]), tokenizer, num_neighbors=2, mode="random", seed=3)
     ids, tokens, mask = random_retriever.retrieve(np.array([prompt[:64]]))
     assert mask.all() and db.valid[ids[0]].all() and tokens.shape == (1, 2, 128)
@@ -343,6 +350,38 @@ def test_evaluate_overlap_buckets_partition_the_chunks_and_their_loss(workspace,
         loss = torch.nn.functional.cross_entropy(logits[:, 63:127].flatten(0, 1), labels[:, 63:127].flatten())
         assert float(loss) == pytest.approx(expected, rel=1e-4)
     assert on != off  # the neighbours reach the scored positions
+
+
+def test_aligned_neighbours_are_what_evaluation_reads_and_old_checkpoints_stay_unaligned(workspace, tmp_path):
+    import json
+
+    from megatron.retro.chunk_db import ChunkDB
+    from megatron.training import retro
+    from megatron.training.checkpointing import CONFIG_FILE, TrainState, save_checkpoint
+    from megatron.training.trainer import sample_counts
+
+    model, cfg = workdir_retro_and_config(workspace)
+    assert cfg.extra["retro"].model.align_neighbors  # the default
+    save_checkpoint(str(tmp_path / "ckpt"), TrainState(iteration=4), model, None, None, dataclasses.asdict(cfg))
+    path = str(tmp_path / "ckpt" / "iter_0000004")
+    cfg = retro.config_from_checkpoint(path, str(workspace["work_dir"]))
+    retro.prepare(cfg)
+    _, valid, _ = retro.datasets(cfg, sample_counts(cfg), retrieval="on", training=False)
+    db, ids = ChunkDB(str(workspace["work_dir"])), retro.load_neighbors(str(workspace["work_dir"]), "valid")
+    item = valid[0]
+    chunks = item["text"][:SEQ].reshape(-1, 64)
+    k = cfg.extra["retro"].model.num_neighbors
+    assert np.array_equal(item["neighbor_tokens"], db.get_tokens(ids[0, :, :k], align_to=chunks))
+    assert not np.array_equal(item["neighbor_tokens"], db.get_tokens(ids[0, :, :k]))  # some neighbour moved
+
+    # A checkpoint written before the field existed was trained on unaligned neighbours.
+    config_file = os.path.join(path, CONFIG_FILE)
+    with open(config_file) as f:
+        saved = json.load(f)
+    del saved["extra"]["retro"]["model"]["align_neighbors"]
+    with open(config_file, "w") as f:
+        json.dump(saved, f)
+    assert not retro.config_from_checkpoint(path, str(workspace["work_dir"])).extra["retro"].model.align_neighbors
 
 
 def test_evaluate_reports_the_gate_per_mode_and_per_overlap_bucket(workspace, tmp_path):

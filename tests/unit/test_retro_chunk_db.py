@@ -107,6 +107,37 @@ def test_padding_ids_read_as_eod_and_shapes_are_kept(db):
         chunk_db.get_tokens([chunk_db.num_chunks])
 
 
+def padded(document, start, width):
+    """document[start:start + width], EOD outside the document."""
+    out = np.full(width, EOD)
+    for i in range(width):
+        if 0 <= start + i < len(document):
+            out[i] = document[start + i]
+    return out
+
+
+def test_aligned_reads_start_where_the_query_chunk_sits_in_the_neighbour(db):
+    chunk_db, all_docs, *_ = db
+    rows = np.asarray(chunk_db.chunks)
+    document = all_docs[0][6]  # 5M + 3 tokens: chunks at offsets 0, M, .., 5M
+    ids, queries, expected = [], [], []
+    for chunk_id in np.flatnonzero((rows[:, 0] == 0) & (rows[:, 1] == 6)):
+        offset = rows[chunk_id, 2]
+        for shift in range(-M, M + 1):
+            if offset + shift + M <= len(document) and offset + shift > -M // 2:
+                ids.append(chunk_id)
+                queries.append(padded(document, offset + shift, M))
+                expected.append(padded(document, offset + shift, 2 * M))
+    got = chunk_db.get_tokens(np.array(ids)[:, None], align_to=np.stack(queries))
+    assert got.shape == (len(ids), 1, 2 * M)
+    for i in range(len(ids)):
+        assert np.array_equal(got[i, 0], expected[i]), (ids[i], i)
+    # A query found nowhere in its neighbour reads it as RETRO does; padding ids stay EOD.
+    stranger = np.full((1, M), 1001)
+    ids = np.array([[ids[0], -1]])
+    assert np.array_equal(chunk_db.get_tokens(ids, align_to=stranger), chunk_db.get_tokens(ids))
+
+
 def test_random_valid_ids_and_pickling(db):
     chunk_db, *_ = db
     drawn = chunk_db.random_valid_ids(500, np.random.default_rng(0))

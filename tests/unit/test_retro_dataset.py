@@ -13,7 +13,10 @@ class ArrayChunkDB:
         self.valid = np.ones(num_chunks, dtype=bool)
         self.valid[list(invalid)] = False
 
-    def get_tokens(self, ids):
+    eod = EOD
+
+    def get_tokens(self, ids, align_to=None):
+        self.last_align_to = align_to
         ids = np.asarray(ids)
         out = np.repeat(ids[..., None], 2 * M, axis=-1).astype(np.int64)
         out[ids < 0] = EOD
@@ -84,3 +87,14 @@ def test_too_few_saved_samples_is_a_clear_error():
         RetroDataset(Samples(6), np.zeros((5, 3, K), dtype=np.int64), ArrayChunkDB(10), K, M, SEQ)
     with pytest.raises(ValueError, match="chunks per sample"):
         RetroDataset(Samples(5), np.zeros((5, 2, K), dtype=np.int64), ArrayChunkDB(10), K, M, SEQ)
+
+
+def test_aligned_reads_pass_each_chunks_tokens_for_its_neighbours():
+    ds, _ = make(align_neighbors=True)
+    ds[7]
+    # SEQ = 10 tokens in chunks of 4: the last chunk is EOD-padded; the label token is not a chunk's.
+    expected = np.array([[7] * 4, [7] * 4, [7, 7, EOD, EOD]])
+    assert np.array_equal(ds.chunk_db.last_align_to, expected)
+    plain, _ = make()
+    plain[7]
+    assert plain.chunk_db.last_align_to is None

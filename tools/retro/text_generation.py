@@ -81,7 +81,8 @@ def main(argv=None) -> int:
         retriever = None
         if retro.add_retriever and args.retrieval != "off":
             retriever = LiveRetriever(args.retro_work_dir, tokenizer, args.num_neighbors or retro.model.num_neighbors,
-                                      mode=args.retrieval, seed=args.seed, device=args.device)
+                                      mode=args.retrieval, seed=args.seed, device=args.device,
+                                      align_neighbors=retro.model.align_neighbors)
             if args.num_neighbors:
                 model.retro_cfg.verify_neighbor_count = False
         sampling = SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
