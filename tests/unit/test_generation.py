@@ -179,31 +179,7 @@ def test_sampling_filters():
 
 # ------------------------------------------------------------ a real work dir (slow)
 
-SEQ = 128
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """12 stdlib files -> tokenizer (vocab 512) -> indexed dataset -> work dir with a Flat index."""
-    ws = tmp_path_factory.mktemp("gen")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    py = sys.executable
-    corpus, tok, prefix, wd = ws / "corpus.jsonl", ws / "tokenizer", ws / "data" / "stdlib", ws / "wd"
-    tok_args = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tok)]
-    for cmd in (
-        [py, "tools/corpus_from_files.py", "--output", str(corpus), "--max-files", "12"],
-        [py, "tools/train_tokenizer.py", "--input", str(corpus), "--vocab-size", "512", "--output", str(tok)],
-        [py, "tools/preprocess_data.py", "--input", str(corpus), "--output-prefix", str(prefix), "--json-keys",
-         "text", *tok_args, "--append-eod", "--workers", "1"],
-        [py, "tools/retro/preprocess_data.py", "--retro-tasks", "build", "--retro-work-dir", str(wd), "--data-path",
-         f"{prefix}_text_document", *tok_args, "--seq-length", str(SEQ), "--train-iters", "4",
-         "--global-batch-size", "2", "--eval-interval", "4", "--eval-iters", "1", "--split", "75,25,0",
-         "--retro-gpt-chunk-length", "64", "--retro-index-str", "Flat", "--retro-query-num-neighbors-query", "8",
-         "--retro-query-num-neighbors-save", "2"],
-    ):
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return {"ws": ws, "tokenizer": tok, "work_dir": wd}
+SEQ = 128  # the --seq-length of the `workspace` fixture's work dir (tests/conftest.py)
 
 
 def retro_for_workdir(vocab_size: int, seed=0, gate=False):

@@ -51,13 +51,13 @@ import math
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.data.loader import build_data_loader
 from megatron.parallel.parallelize import parallelize_fn
+from megatron.retro.overlap import OVERLAP_BUCKETS, OVERLAP_NGRAM, bucket_of, chunk_overlaps
 from megatron.training import retro
 from megatron.training.checkpointing import find_checkpoint, load_checkpoint
 from megatron.training.config import Config, ParallelConfig
@@ -66,40 +66,6 @@ from megatron.training.initialize import initialize_distributed
 from megatron.training.trainer import evaluate_dataset, sample_counts
 
 MODES = {"retrieval_on": "on", "retrieval_off": "off", "random_retrieval": "random"}
-OVERLAP_NGRAM = 13
-# (name, upper bound) in order; a chunk goes to the first bucket whose bound it does not exceed.
-OVERLAP_BUCKETS = (("0", 0.0), ("<=20%", 0.2), ("<=50%", 0.5), ("<=80%", 0.8), (">80%", 1.0))
-
-
-def ngrams(tokens: np.ndarray, n: int) -> set[bytes]:
-    tokens = np.ascontiguousarray(tokens, dtype=np.int64)
-    if len(tokens) < n:
-        return set()
-    return {w.tobytes() for w in np.lib.stride_tricks.sliding_window_view(tokens, n)}
-
-
-def chunk_overlaps(text: np.ndarray, neighbor_tokens: np.ndarray, neighbor_mask: np.ndarray, chunk_length: int,
-                   n: int = OVERLAP_NGRAM) -> np.ndarray:
-    """Overlap of chunks 1 .. of one sample (text [>= s + 1]; neighbours [l, k, r], mask [l, k]):
-    entry v - 1 = the largest fraction of chunk v's n-grams found in one neighbour of chunk v - 1.
-    Only whole chunks inside the first s + 1 tokens count."""
-    m = chunk_length
-    if m < n:
-        raise ValueError(f"--overlap-buckets: chunk length {m} is shorter than the {n}-grams compared")
-    num_chunks = min(len(neighbor_tokens), len(text) // m)
-    out = np.zeros(max(0, num_chunks - 1))
-    for v in range(1, num_chunks):
-        chunk = ngrams(text[v * m:(v + 1) * m], n)
-        grams = list(chunk)
-        for tokens, real in zip(neighbor_tokens[v - 1], neighbor_mask[v - 1]):
-            if real:
-                found = ngrams(tokens, n)
-                out[v - 1] = max(out[v - 1], sum(g in found for g in grams) / len(grams))
-    return out
-
-
-def bucket_of(overlap: float) -> str:
-    return next(name for name, bound in OVERLAP_BUCKETS if overlap <= bound)
 
 
 @torch.no_grad()
