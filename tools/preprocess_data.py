@@ -8,7 +8,8 @@ writes data/corpus_text_document.bin/.idx (one pair per --json-keys key). Sequen
 non-blank line of the input, whatever the number of workers. A bad line stops the run with
 "FILE:LINE: problem" and leaves nothing under the output prefix: files are written under
 temporary names and only renamed into place once every line has been tokenized; those a killed
-run left behind are removed by the next.
+run left behind are removed by the next. Long documents are encoded --piece-chars characters at a
+time, with the ids of one whole encode, so memory does not grow with the length of a document.
 """
 
 import argparse
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype, remove_stale_temp_files
 from megatron.data.jsonl import texts_of_line
-from megatron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
+from megatron.data.tokenizers import PIECE_CHARS, TOKENIZER_TYPES, build_tokenizer
 
 # Lines per task sent to a worker: large enough to amortise inter-process overhead.
 CHUNKSIZE = 32
@@ -33,20 +34,24 @@ CHUNKSIZE = 32
 class Encoder:
     """Turns one raw JSONL line into one token array per key."""
 
-    def __init__(self, tokenizer_kwargs: dict, json_keys: list[str], append_eod: bool, dtype):
+    def __init__(self, tokenizer_kwargs: dict, json_keys: list[str], append_eod: bool, dtype, piece_chars: int):
         self.tokenizer = build_tokenizer(**tokenizer_kwargs)
         self.json_keys = json_keys
         self.append_eod = append_eod
         self.dtype = dtype
+        self.piece_chars = piece_chars
 
     def encode(self, line: bytes) -> list[np.ndarray]:
         """Token arrays, one per json key; ValueError describing the problem for a bad line."""
         arrays = []
         for text in texts_of_line(line, self.json_keys):
-            ids = self.tokenizer.tokenize(text)
+            # Each piece's ids go to the output dtype at once: as Python ints (36 bytes each) a long
+            # document's ids would take 9-18x the memory of the array.
+            pieces = [np.asarray(ids, dtype=self.dtype)
+                      for ids in self.tokenizer.tokenize_pieces(text, self.piece_chars)]
             if self.append_eod:
-                ids.append(self.tokenizer.eod)
-            arrays.append(np.asarray(ids, dtype=self.dtype))
+                pieces.append(np.asarray([self.tokenizer.eod], dtype=self.dtype))
+            arrays.append(np.concatenate(pieces))
         return arrays
 
 
@@ -99,7 +104,8 @@ def output_prefix_for_key(output_prefix: str, key: str) -> str:
 
 
 def preprocess(input_path: str, output_prefix: str, json_keys: list[str], tokenizer_kwargs: dict,
-               append_eod: bool = False, workers: int = 1, log_interval: int = 100) -> dict:
+               append_eod: bool = False, workers: int = 1, log_interval: int = 100,
+               piece_chars: int = PIECE_CHARS) -> dict:
     """Write one indexed dataset per key; returns {key: (documents, tokens)}."""
     # Parallelism comes from worker processes; the library's own threads would only fight them
     # and warn after fork.
@@ -112,7 +118,7 @@ def preprocess(input_path: str, output_prefix: str, json_keys: list[str], tokeni
         raise ValueError(f"{input_path}: empty corpus, no documents to tokenize")
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
 
-    encoder_args = (tokenizer_kwargs, json_keys, append_eod, dtype)
+    encoder_args = (tokenizer_kwargs, json_keys, append_eod, dtype, piece_chars)
     prefixes = {key: output_prefix_for_key(output_prefix, key) for key in json_keys}
     num_tokens = dict.fromkeys(json_keys, 0)
     removed = sum(remove_stale_temp_files(prefix + suffix)
@@ -171,6 +177,9 @@ def parse_args(argv=None):
     group.add_argument("--vocab-file", default=None)
     group.add_argument("--merge-file", default=None)
     group.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
+    group.add_argument("--piece-chars", type=int, default=PIECE_CHARS,
+                       help="encode long documents this many characters at a time, to bound memory "
+                            "(the ids are those of one whole encode); 0: whole documents")
     group = parser.add_argument_group("output")
     group.add_argument("--output-prefix", required=True,
                        help="writes PREFIX_{key}_document.bin/.idx for each json key")
@@ -182,6 +191,8 @@ def parse_args(argv=None):
         parser.error("--workers must be at least 1")
     if args.log_interval < 1:
         parser.error("--log-interval must be at least 1")
+    if args.piece_chars < 0:
+        parser.error("--piece-chars must be 0 (whole documents) or positive")
     return args
 
 
@@ -191,7 +202,7 @@ def main(argv=None) -> int:
                         "vocab_file": args.vocab_file, "merge_file": args.merge_file}
     try:
         counts = preprocess(args.input, args.output_prefix, args.json_keys, tokenizer_kwargs,
-                            args.append_eod, args.workers, args.log_interval)
+                            args.append_eod, args.workers, args.log_interval, args.piece_chars)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
-"""Tokenizers behind one small interface: tokenize, detokenize, vocab_size, eod, fingerprint.
+"""Tokenizers behind one small interface: tokenize (and tokenize_pieces, the same ids for long
+texts in bounded memory), detokenize, vocab_size, eod, fingerprint.
 
 Both kinds are byte-level BPE run by the HF `tokenizers` library (no `transformers` import):
 - "HuggingFaceTokenizer": a `tokenizer.json` (as written by tools/train_tokenizer.py);
@@ -9,11 +10,23 @@ bytes the tokenizer was loaded from, so a work dir can tell when it was built wi
 
 import hashlib
 import os
+from collections.abc import Iterator
 
+import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 EOD_TOKEN = "<|endoftext|>"
 TOKENIZER_TYPES = ("HuggingFaceTokenizer", "GPT2BPETokenizer")
+
+# Characters encoded at a time by tokenize_pieces. An encode holds ~150 bytes per character
+# (ids, offsets, token strings, alignments): ~10 MB here. Not larger: glibc then serves the
+# buffers of later pieces from the heap (its mmap threshold rises to the size of the first freed
+# one), where they fragment: 1 Mi-character pieces left ~1 GB of freed memory in the RSS of a
+# 50 MB document, these 10-20 MB, at no cost in speed (benchmarks/preprocess_memory.py).
+PIECE_CHARS = 1 << 16
+# A piece's last 1/64 is not trusted (its last pre-token is cut, and pre-tokenizers look ahead);
+# the 1/64 before that is encoded again by the next piece, which must reproduce it: ~3% extra work.
+MARGIN_FRACTION = 64
 
 
 def _read_bytes(path: str, what: str) -> bytes:
@@ -39,6 +52,48 @@ class _ByteLevelBPETokenizer:
 
     def tokenize(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def tokenize_pieces(self, text: str, piece_chars: int = PIECE_CHARS) -> Iterator[list[int]]:
+        """Lists of ids whose concatenation is exactly tokenize(text), encoding about
+        `piece_chars` characters at a time, so that memory does not grow with the document
+        (0: the whole text in one encode).
+
+        A piece is cut at the start of a pre-token ("word": the model never merges across one)
+        near its end, and the next piece starts there. It is accepted only if the next piece
+        reproduces its tokens over an overlap before the untrusted margin; otherwise the piece is
+        encoded again twice as long. So a tokenizer whose pieces do not agree (a pre-token longer
+        than the piece, say) ends up in one encode of the rest of the text, never in other ids."""
+        if piece_chars < 0:
+            raise ValueError(f"piece_chars must be 0 (whole text) or positive, not {piece_chars}")
+        start, size = 0, piece_chars or len(text)
+        ids, offsets, words = self._encode_span(text, start, start + size)
+        while start + size < len(text):
+            end, margin = start + size, size // MARGIN_FRACTION
+            # Token ends never decrease, so the tokens [0, trusted) are those ending before the margin.
+            trusted = int(np.searchsorted(offsets[:, 1], end - margin, side="right"))
+            word_starts = np.flatnonzero(words[1:] != words[:-1]) + 1
+            restarts = word_starts[(word_starts < trusted) & (offsets[word_starts, 0] >= end - 2 * margin)]
+            if restarts.size:
+                cut = int(restarts[0])
+                restart = int(offsets[cut, 0])
+                next_ids, next_offsets, next_words = self._encode_span(text, restart, restart + piece_chars)
+                overlap = trusted - cut
+                if (next_ids[:overlap] == ids[cut:trusted]
+                        and np.array_equal(next_offsets[:overlap], offsets[cut:trusted])):
+                    yield ids[:cut]
+                    start, size = restart, piece_chars
+                    ids, offsets, words = next_ids, next_offsets, next_words
+                    continue
+            size *= 2
+            ids, offsets, words = self._encode_span(text, start, start + size)
+        yield ids
+
+    def _encode_span(self, text: str, start: int, stop: int):
+        """ids, (start, end) character offsets into `text` and pre-token index of each token of
+        text[start:stop]."""
+        encoding = self._tokenizer.encode(text[start:stop], add_special_tokens=False)
+        offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2) + start
+        return encoding.ids, offsets, np.asarray(encoding.word_ids)
 
     def detokenize(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)

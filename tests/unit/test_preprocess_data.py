@@ -55,12 +55,12 @@ def tokenizer_dir(corpus, tmp_path_factory):
     return str(output)
 
 
-def run_preprocess(corpus, prefix, tokenizer_dir, workers):
+def run_preprocess(corpus, prefix, tokenizer_dir, workers, *extra_args):
     return subprocess.run(
         [sys.executable, "tools/preprocess_data.py", "--input", corpus, "--output-prefix", prefix,
          "--json-keys", "text", "--tokenizer-type", "HuggingFaceTokenizer",
          "--tokenizer-model", tokenizer_dir, "--append-eod", "--workers", str(workers),
-         "--log-interval", "10"],
+         "--log-interval", "10", *extra_args],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
 
 
@@ -85,6 +85,23 @@ def test_documents_are_tokenized_text_plus_eod(texts, corpus, tokenizer_dir, tmp
         assert (file_bytes(tmp_path / "one" / f"corpus_text_document{suffix}")
                 == file_bytes(tmp_path / "two" / f"corpus_text_document{suffix}"))
     assert sorted(os.listdir(tmp_path / "two")) == ["corpus_text_document.bin", "corpus_text_document.idx"]
+
+
+def test_documents_longer_than_a_piece_give_the_same_bytes(texts, tokenizer_dir, tmp_path):
+    """--piece-chars 300 (most documents in many pieces) writes exactly what whole-document
+    encodes (--piece-chars 0) write."""
+    long_texts = ["".join(texts[:4]), "naïve café 日本語 🙂 e\u0301\r\n" * 300,
+                  "x" + " " * 5000 + "y" + "\n" * 5000 + "z" * 5000]
+    corpus = tmp_path / "long.jsonl"
+    write_jsonl(corpus, [{"text": text} for text in long_texts + texts])
+    whole = run_preprocess(str(corpus), str(tmp_path / "whole" / "corpus"), tokenizer_dir, 1, "--piece-chars", "0")
+    assert whole.returncode == 0, whole.stderr
+    pieces = run_preprocess(str(corpus), str(tmp_path / "pieces" / "corpus"), tokenizer_dir, 2,
+                            "--piece-chars", "300")
+    assert pieces.returncode == 0, pieces.stderr
+    for suffix in (".bin", ".idx"):
+        assert (file_bytes(tmp_path / "whole" / f"corpus_text_document{suffix}")
+                == file_bytes(tmp_path / "pieces" / f"corpus_text_document{suffix}"))
 
 
 @pytest.mark.parametrize("bad_line, problem", [

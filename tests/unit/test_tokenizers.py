@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import sysconfig
@@ -162,3 +163,66 @@ def test_fingerprint_is_about_content_not_location(tokenizer_dir, tmp_path):
     shutil.copy(os.path.join(tokenizer_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
     assert (build_tokenizer("HuggingFaceTokenizer", str(tmp_path)).fingerprint()
             == build_tokenizer("HuggingFaceTokenizer", tokenizer_dir).fingerprint())
+
+
+def joined(pieces):
+    return [i for ids in pieces for i in ids]
+
+
+_LETTERS = "".join(random.Random(0).choice("abcdefghijklmnopqrstuvwxyz") for _ in range(10_000))
+_NON_ASCII = "naïve café 日本語 🙂🙂 Ελληνικά e\u0301 👩‍👩‍👧 ÿ\r\n\t" * 200
+# Longer than the pieces the tests use: source code (many pre-tokens), multi-byte characters that
+# byte-level BPE splits into several tokens sharing one character's offsets, and single pre-tokens
+# far longer than a piece.
+LONG_TEXTS = {
+    "stdlib source": "".join(stdlib_text(name) for name in ("difflib.py", "argparse.py")),
+    "non-ASCII": _NON_ASCII,
+    "5,000 spaces": " " * 5000,
+    "5,000 newlines": "\n" * 5000,
+    "10,000-letter word": _LETTERS,
+    "10,000 times a": "a" * 10_000,
+    "mixed": (stdlib_text("textwrap.py") + " " * 5000 + "x" + "\n" * 5000 + _LETTERS + "\t" * 3000
+              + _NON_ASCII[:3000] + "it's, we're, they'll " * 200 + EOD_TOKEN + stdlib_text("heapq.py")),
+}
+
+
+@pytest.mark.parametrize("name", LONG_TEXTS)
+@pytest.mark.parametrize("piece_chars", [100, 300, 2000])
+def test_pieces_give_the_ids_of_one_whole_encode(tokenizer_dir, name, piece_chars):
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", tokenizer_dir)
+    text = LONG_TEXTS[name]
+    pieces = list(tokenizer.tokenize_pieces(text, piece_chars))
+    assert joined(pieces) == tokenizer.tokenize(text)
+    if name in ("stdlib source", "non-ASCII"):
+        # Really split, not one encode after every piece was refused (some are, and encoded again
+        # longer: in pieces this small the overlap is a few characters).
+        assert len(pieces) > len(text) / (8 * piece_chars)
+
+
+def test_pieces_of_gpt2_bpe_and_of_short_texts(tokenizer_dir, tmp_path):
+    vocab_file, merge_file = write_gpt2_files(tokenizer_dir, tmp_path)
+    gpt2 = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab_file, merge_file=merge_file)
+    text = LONG_TEXTS["mixed"]
+    assert joined(gpt2.tokenize_pieces(text, 500)) == gpt2.tokenize(text)
+    assert list(gpt2.tokenize_pieces(text, 0)) == [gpt2.tokenize(text)]
+    assert list(gpt2.tokenize_pieces("short", 500)) == [gpt2.tokenize("short")]
+    assert list(gpt2.tokenize_pieces("", 500)) == [[]]
+    with pytest.raises(ValueError, match="piece_chars"):
+        next(gpt2.tokenize_pieces(text, -1))
+
+
+def test_pieces_that_disagree_are_encoded_again_longer(tokenizer_dir, tmp_path):
+    """With a prefix space added to every encode, a piece restarting at a pre-token without a
+    leading space tokenizes it differently: only the check against the previous piece's overlap
+    (the margin alone would not) keeps the ids those of one whole encode."""
+    with open(os.path.join(tokenizer_dir, "tokenizer.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    config["pre_tokenizer"]["add_prefix_space"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(config), encoding="utf-8")
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", str(tmp_path))
+    text = LONG_TEXTS["stdlib source"]
+    whole = tokenizer.tokenize(text)
+    for piece_chars in (300, 2000):
+        pieces = list(tokenizer.tokenize_pieces(text, piece_chars))
+        assert joined(pieces) == whole
+        assert len(pieces) > len(text) / (8 * piece_chars)
