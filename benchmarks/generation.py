@@ -23,14 +23,13 @@ import time
 import numpy as np
 import torch
 
-from megatron.data.tokenizers import build_tokenizer
 from megatron.inference.generation import SamplingConfig, generate
 from megatron.inference.loading import load_for_generation
 from megatron.inference.retrieval import LiveRetriever
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel
 from megatron.retro.chunk_db import ChunkDB
-from megatron.retro.workdir import load_workdir_config
+from megatron.retro.workdir import build_workdir_tokenizer, load_workdir_config
 from megatron.training.config import ModelConfig, pad_vocab_size
 
 
@@ -78,11 +77,12 @@ def main(argv=None):
     if args.load:
         model, tokenizer, cfg = load_for_generation(args.load, args.retro_work_dir, device)
         num_neighbors = cfg.extra["retro"].model.num_neighbors
+        align = cfg.extra["retro"].model.align_neighbors  # a GPT checkpoint has no retro_cfg
     else:
-        tok = wd_cfg["tokenizer"]
-        tokenizer = build_tokenizer(tok["type"], tok["model"], vocab_file=tok["vocab_file"], merge_file=tok["merge_file"])
+        tokenizer = build_workdir_tokenizer(args.retro_work_dir, wd_cfg)
         model = random_model(args, wd_cfg, tokenizer, device)
         num_neighbors = args.num_neighbors
+        align = model.retro_cfg.align_neighbors
     positions = model.rope_cos.shape[0]
     db = ChunkDB(args.retro_work_dir, wd_cfg)
     first_document = np.flatnonzero(np.asarray(db.chunks[:, 2]) == 0)
@@ -90,7 +90,6 @@ def main(argv=None):
     prompt = [int(t) for t in prompt[prompt != db.eod][:args.prompt_tokens]]
     new_tokens = min(args.new_tokens or positions, positions - len(prompt))
 
-    align = model.retro_cfg.align_neighbors
     retrievers = {"on": LiveRetriever(args.retro_work_dir, tokenizer, num_neighbors, "on", device=device,
                                       align_neighbors=align),
                   "random": LiveRetriever(args.retro_work_dir, tokenizer, num_neighbors, "random",

@@ -140,21 +140,12 @@ def build_work_dir(workspace: str, seq_length: int, chunk_length: int, num_neigh
 
 
 def retro_train_dataset(work_dir: str, num_neighbors: int, cache_dir: str):
-    """The training RetroDataset of a work dir, built as training builds it (megatron/training/retro.py)."""
-    from megatron.data.builder import build_gpt_datasets
-    from megatron.data.retro_dataset import RetroDataset
-    from megatron.retro.chunk_db import ChunkDB
+    """The training RetroDataset of a work dir, read as training reads it (megatron/training/retro.py)."""
     from megatron.retro.workdir import load_workdir_config
-    from megatron.training.config import DataConfig
-    from megatron.training.retro import load_neighbors
+    from megatron.training.retro import workdir_dataset
 
     wd = load_workdir_config(work_dir)
-    data = DataConfig(data_path=[str(x) for entry in wd["data_path"] for x in entry], split=wd["split"],
-                      data_cache_path=cache_dir)
-    counts = (wd["train_samples"], wd["valid_samples"], wd["test_samples"])
-    train, _, _ = build_gpt_datasets(data, wd["seq_length"], counts, wd["seed"])
-    return RetroDataset(train, load_neighbors(work_dir, "train"), ChunkDB(work_dir), num_neighbors,
-                        wd["chunk_length"], wd["seq_length"], name="train"), wd
+    return workdir_dataset(work_dir, wd, "train", num_neighbors, data_cache_path=cache_dir), wd
 
 
 def loader_seconds_per_sample(dataset, micro_batch_size: int, max_batches: int, workers: int) -> float:

@@ -24,6 +24,7 @@ import numpy as np
 
 from megatron.data.blended_dataset import parse_data_path
 from megatron.data.indexed_dataset import content_fingerprint
+from megatron.data.tokenizers import build_tokenizer
 
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
@@ -180,6 +181,19 @@ def load_workdir_config(work_dir: str) -> dict:
                          f"{cfg.get('format_version') if isinstance(cfg, dict) else None!r}, "
                          f"expected {FORMAT_VERSION})")
     return cfg
+
+
+def build_workdir_tokenizer(work_dir: str, cfg: dict):
+    """The tokenizer the work dir was built with (config.json's record), refused if its files
+    changed since: its ids would decode to other text than the DB's."""
+    recorded = cfg.get("tokenizer")
+    if not recorded:
+        raise ValueError(f"{WorkDir(work_dir).config}: records no tokenizer (built by an older version); "
+                         f"rebuild the work dir")
+    tokenizer = build_tokenizer(recorded["type"], recorded["model"], vocab_file=recorded["vocab_file"],
+                                merge_file=recorded["merge_file"])
+    check_workdir_matches(cfg, tokenizer_fingerprint=tokenizer.fingerprint())
+    return tokenizer
 
 
 def check_workdir_matches(cfg: dict, **expected) -> None:

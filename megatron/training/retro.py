@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.data.blended_dataset import parse_data_path
-from megatron.data.builder import build_gpt_datasets, check_token_ids
+from megatron.data.builder import SPLIT_NAMES, build_gpt_datasets, check_token_ids
 from megatron.data.retro_dataset import RetroDataset
 from megatron.models.gpt.model import GPTModel
 from megatron.models.retro.config import RetroConfig
@@ -37,7 +37,7 @@ from megatron.training.checkpointing import (
     read_metadata,
     saved_add_retriever,
 )
-from megatron.training.config import Config
+from megatron.training.config import Config, DataConfig
 from megatron.training.flops import gpt_flops_per_token
 from megatron.training.loss import lm_loss
 from megatron.training.tokenizer import build_run_tokenizer
@@ -258,6 +258,27 @@ def datasets(cfg: Config, num_samples, retrieval: str = "on", training: bool = T
 
     train = wrap(train, "train", "on", retro.no_retrieval_prob, retro.random_retrieval_prob) if training else None
     return train, wrap(valid, "valid", retrieval), None
+
+
+def workdir_dataset(work_dir: str, wd_cfg: dict, split: str, num_neighbors: int | None = None,
+                    align_neighbors: bool = RetroConfig.align_neighbors,
+                    data_cache_path: str | None = None) -> RetroDataset:
+    """A split's samples with their neighbours, from the work dir's own record of the data (its
+    config.json) rather than a run's Config, so that sample i is the one neighbour row i was
+    queried for. num_neighbors None: every saved neighbour."""
+    if not wd_cfg[f"{split}_samples"]:
+        raise ValueError(f"--split {split}: the work dir has no {split} samples, hence no neighbours "
+                         f"({split}_samples is 0 in {WorkDir(work_dir).config})")
+    neighbors = load_neighbors(work_dir, split)
+    data = DataConfig(data_path=[str(x) for entry in wd_cfg["data_path"] for x in entry], split=wd_cfg["split"],
+                      data_cache_path=data_cache_path)
+    # Only this split's samples: each split's sample order is independent of the others' counts.
+    counts = tuple(wd_cfg[f"{name}_samples"] if name == split else 0 for name in SPLIT_NAMES)
+    gpt = build_gpt_datasets(data, wd_cfg["seq_length"], counts, wd_cfg["seed"])[SPLIT_NAMES.index(split)]
+    if gpt is None:
+        raise ValueError(f"--split {split}: the work dir's --split {wd_cfg['split']} leaves no {split} documents")
+    return RetroDataset(gpt, neighbors, ChunkDB(work_dir, wd_cfg), num_neighbors or neighbors.shape[2],
+                        wd_cfg["chunk_length"], wd_cfg["seq_length"], name=split, align_neighbors=align_neighbors)
 
 
 def make_forward_step(cfg: Config):

@@ -27,15 +27,11 @@ import sys
 
 import numpy as np
 
-from megatron.data.builder import SPLIT_NAMES, build_gpt_datasets
-from megatron.data.retro_dataset import RetroDataset
-from megatron.data.tokenizers import build_tokenizer
 from megatron.retro.chunk_db import DATASET, DOCUMENT, LENGTH, OFFSET, ChunkDB
 from megatron.retro.embedder import chunk_texts
 from megatron.retro.overlap import OVERLAP_BUCKETS, OVERLAP_NGRAM, bucket_of, chunk_overlaps, neighbor_overlaps
-from megatron.retro.workdir import WorkDir, check_dataset_fingerprints, load_workdir_config
-from megatron.training.config import DataConfig
-from megatron.training.retro import load_neighbors
+from megatron.retro.workdir import WorkDir, build_workdir_tokenizer, check_dataset_fingerprints, load_workdir_config
+from megatron.training.retro import load_neighbors, workdir_dataset
 
 SPLITS = ("train", "valid")  # the splits the query step saves neighbours for
 # Neighbour ids counted per step of the fill rate: bounds memory whatever the file's size.
@@ -120,39 +116,11 @@ def format_verify(report: dict | None) -> str:
     return "\n                     ".join(parts)
 
 
-def tokenizer_of(work_dir: str, cfg: dict):
-    """The tokenizer the work dir was built with, refused if its files changed since (the texts
-    would be those of other token ids)."""
-    recorded = cfg.get("tokenizer")
-    if not recorded:
-        raise ValueError(f"{WorkDir(work_dir).config}: records no tokenizer (built by an older version); "
-                         f"rebuild the work dir")
-    tokenizer = build_tokenizer(recorded["type"], recorded["model"], recorded["vocab_file"], recorded["merge_file"])
-    if tokenizer.fingerprint() != cfg["tokenizer_fingerprint"]:
-        raise ValueError(f"{recorded['model'] or recorded['vocab_file']}: the tokenizer changed since the work dir "
-                         f"was built (its fingerprint differs from config.json's); restore it or rebuild the work dir")
-    return tokenizer
-
-
-def retro_dataset(work_dir: str, cfg: dict, db: ChunkDB, split: str, align: bool, data_cache_path: str | None):
-    """The split's samples with all saved neighbours, as training reads them: the GPT dataset
-    built from the work dir's recorded data arguments (megatron/training/retro.py), so that
-    sample i is the one neighbour row i was queried for."""
-    if not cfg[f"{split}_samples"]:
-        raise ValueError(f"--split {split}: the work dir has no {split} samples, hence no neighbours "
-                         f"({split}_samples is 0 in {WorkDir(work_dir).config})")
-    neighbors = load_neighbors(work_dir, split)
+def retro_dataset(work_dir: str, cfg: dict, split: str, align: bool, data_cache_path: str | None):
+    """The split's samples with all saved neighbours, as training reads them."""
     with contextlib.redirect_stdout(sys.stderr):  # its note on old work dirs would break --json
         check_dataset_fingerprints(cfg)
-    data = DataConfig(data_path=[str(x) for entry in cfg["data_path"] for x in entry], split=cfg["split"],
-                      data_cache_path=data_cache_path)
-    # Only this split's samples: each split's sample order is independent of the others' counts.
-    counts = tuple(cfg[f"{name}_samples"] if name == split else 0 for name in SPLIT_NAMES)
-    gpt = build_gpt_datasets(data, cfg["seq_length"], counts, cfg["seed"])[SPLIT_NAMES.index(split)]
-    if gpt is None:
-        raise ValueError(f"--split {split}: the work dir's --split {cfg['split']} leaves no {split} documents")
-    return RetroDataset(gpt, neighbors, db, neighbors.shape[2], cfg["chunk_length"], cfg["seq_length"], name=split,
-                        align_neighbors=align)
+    return workdir_dataset(work_dir, cfg, split, align_neighbors=align, data_cache_path=data_cache_path)
 
 
 def check_index(flag: str, value: int, size: int, what: str) -> None:
@@ -168,9 +136,9 @@ def db_location(db: ChunkDB, cfg: dict, chunk_id: int) -> dict:
 
 def sample_report(work_dir: str, cfg: dict, split: str, sample: int, chunk: int, align: bool,
                   data_cache_path: str | None) -> dict:
-    tokenizer = tokenizer_of(work_dir, cfg)
-    db = ChunkDB(work_dir, cfg)
-    ds = retro_dataset(work_dir, cfg, db, split, align, data_cache_path)
+    tokenizer = build_workdir_tokenizer(work_dir, cfg)
+    ds = retro_dataset(work_dir, cfg, split, align, data_cache_path)
+    db = ds.chunk_db
     check_index("--sample", sample, len(ds), f"the {split} split has samples")
     check_index("--chunk", chunk, ds.neighbor_ids.shape[1], "a sample has chunks")
     item, m = ds[sample], db.chunk_length
@@ -219,7 +187,7 @@ def format_sample(r: dict) -> str:
 
 
 def db_chunk_report(work_dir: str, cfg: dict, chunk_id: int) -> dict:
-    tokenizer = tokenizer_of(work_dir, cfg)
+    tokenizer = build_workdir_tokenizer(work_dir, cfg)
     db = ChunkDB(work_dir, cfg)
     check_index("--db-chunk", chunk_id, db.num_chunks, f"the chunk DB ({WorkDir(work_dir).chunks}) holds chunks")
     text, continuation = chunk_texts(db.get_tokens([chunk_id])[0].reshape(2, db.chunk_length), db.eod, tokenizer)
@@ -235,8 +203,8 @@ def format_db_chunk(r: dict) -> str:
 def histogram_report(work_dir: str, cfg: dict, split: str, num_samples: int, seed: int, align: bool,
                      data_cache_path: str | None) -> dict:
     """Chunks of randomly drawn samples per overlap bucket, scored as evaluate.py --overlap-buckets does."""
-    db = ChunkDB(work_dir, cfg)
-    ds = retro_dataset(work_dir, cfg, db, split, align, data_cache_path)
+    ds = retro_dataset(work_dir, cfg, split, align, data_cache_path)
+    db = ds.chunk_db
     samples = np.sort(np.random.default_rng(seed).choice(len(ds), size=min(num_samples, len(ds)), replace=False))
     counts = dict.fromkeys((name for name, _ in OVERLAP_BUCKETS), 0)
     for i in samples:
