@@ -53,11 +53,16 @@ def split_document_ranges(fractions: list[float], num_documents: int) -> list[tu
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def default_cache_dir(path_prefix: str) -> str:
+    """Where a dataset's caches go when --data-cache-path is not given: <its directory>/cache."""
+    return os.path.join(os.path.dirname(os.path.abspath(path_prefix)), "cache")
+
+
 def description_hash(description: dict) -> str:
     return hashlib.md5(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
-def _save_atomically(path: str, write) -> None:
+def save_atomically(path: str, write) -> None:
     """Write through `write(file)` to a temporary name in the same directory, then rename."""
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
@@ -83,9 +88,9 @@ def load_or_build_cached(cache_dir: str, stem: str, description: dict, names, bu
     os.makedirs(cache_dir, exist_ok=True)
     arrays = build()
     for name, path in paths.items():
-        _save_atomically(path, lambda f, a=arrays[name]: np.save(f, a, allow_pickle=False))
+        save_atomically(path, lambda f, a=arrays[name]: np.save(f, a, allow_pickle=False))
     text = json.dumps(description, indent=2, sort_keys=True).encode()
-    _save_atomically(os.path.join(cache_dir, f"{stem}-description.json"), lambda f: f.write(text))
+    save_atomically(os.path.join(cache_dir, f"{stem}-description.json"), lambda f: f.write(text))
     return arrays
 
 
@@ -128,7 +133,7 @@ class GPTDataset:
     """Samples of seq_length + 1 tokens over the documents `document_ids` of an indexed dataset.
 
     `path_prefix` names the indexed dataset in the cache key and in error messages; `cache_dir`
-    defaults to `<directory of path_prefix>/cache`. len(ds) == num_samples.
+    defaults to `default_cache_dir(path_prefix)`. len(ds) == num_samples.
     """
 
     def __init__(self, indexed_dataset, path_prefix: str, document_ids: np.ndarray, num_samples: int,
@@ -162,11 +167,9 @@ class GPTDataset:
             "seed": seed,
         }
         self.cache_key = description_hash(self.description)
-        if cache_dir is None:
-            cache_dir = os.path.join(os.path.dirname(os.path.abspath(path_prefix)), "cache")
-        self.cache_dir = cache_dir
+        self.cache_dir = default_cache_dir(path_prefix) if cache_dir is None else cache_dir
         arrays = load_or_build_cached(
-            cache_dir, f"{self.cache_key}-GPTDataset-{split_name}", self.description, INDEX_NAMES,
+            self.cache_dir, f"{self.cache_key}-GPTDataset-{split_name}", self.description, INDEX_NAMES,
             lambda: build_gpt_index(sequence_lengths, document_ids, num_samples, seq_length, seed))
         self.doc_idx = arrays["doc_idx"]
         self.sample_idx = arrays["sample_idx"]
