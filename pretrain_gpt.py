@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
         raise SystemExit("error: --data-path is required")
     tokenizer = build_run_tokenizer(cfg)
     check_token_ids([prefix for _, prefix in parse_data_path(cfg.data.data_path)], tokenizer.vocab_size,
-                    cfg.data.tokenizer_model or cfg.data.vocab_file)
+                    cfg.data.tokenizer_model or cfg.data.vocab_file, cfg.data.data_cache_path)
     return pretrain(cfg, model_provider, forward_step, datasets_provider,
                     flops_per_token=gpt_flops_per_token(cfg.model), parallelize_fn=parallelize_fn)
 

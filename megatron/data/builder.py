@@ -6,14 +6,17 @@ Megatron does, so the greedy blend never runs out of a child's samples. Everythi
 function of the arguments, so preprocessing and training build identical datasets.
 """
 
+import hashlib
+import json
 import math
 import os
 
 import numpy as np
 
 from megatron.data.blended_dataset import BlendedDataset, parse_data_path
-from megatron.data.gpt_dataset import GPTDataset, parse_split, split_document_ranges
-from megatron.data.indexed_dataset import IndexedDataset
+from megatron.data.gpt_dataset import (GPTDataset, default_cache_dir, parse_split, save_atomically,
+                                       split_document_ranges)
+from megatron.data.indexed_dataset import IndexedDataset, content_fingerprint
 from megatron.training.config import DataConfig
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -29,17 +32,58 @@ def _open_indexed(prefix: str) -> tuple[IndexedDataset, int]:
     return indexed, num_documents
 
 
-def check_token_ids(prefixes, vocab_size: int, tokenizer: str | None) -> None:
+def check_token_ids(prefixes, vocab_size: int, tokenizer: str | None, cache_dir: str | None = None) -> None:
     """Refuse, naming the file, a dataset holding a token id the vocabulary does not have (data
     tokenized with a larger tokenizer, or corrupt values): the embedding lookup would fail with a
-    bare IndexError, or not at all when no sampled batch hits the id. Once at start-up; it reads
-    each .bin whole (IndexedDataset.max_token)."""
+    bare IndexError, or not at all when no sampled batch hits the id. Once at start-up; each
+    dataset's largest id comes from `cached_max_token` (`cache_dir` is --data-cache-path), so only
+    the first start after a dataset is built or changed reads its .bin whole."""
     for prefix in dict.fromkeys(os.path.abspath(p) for p in prefixes):
-        largest = IndexedDataset(prefix).max_token()
+        largest = cached_max_token(prefix, cache_dir)
         if largest >= vocab_size:
             raise ValueError(f"{prefix}.bin: holds token id {largest}, outside the vocabulary of "
                              f"{vocab_size} tokens of the tokenizer {tokenizer}; tokenize the data with "
                              f"this tokenizer (tools/preprocess_data.py) or give the one it was made with")
+
+
+def max_token_cache_path(prefix: str, cache_dir: str | None = None) -> str:
+    """The JSON file caching the largest token id of the dataset at absolute `prefix`: in the
+    dataset cache directory its GPTDataset index caches use; named by a hash of the prefix, as
+    datasets of one basename may share a --data-cache-path."""
+    directory = default_cache_dir(prefix) if cache_dir is None else cache_dir
+    return os.path.join(directory, f"{hashlib.md5(prefix.encode()).hexdigest()}-max_token.json")
+
+
+def cached_max_token(prefix: str, cache_dir: str | None = None) -> int:
+    """The largest token id of the indexed dataset at absolute `prefix`. IndexedDataset.max_token
+    reads the whole .bin; its result is kept in `max_token_cache_path` with the dataset's
+    content_fingerprint and read back while the fingerprint matches, so a later start reads only
+    the .idx and the sampled pages of the .bin. A file that is missing, unreadable, not this
+    project's JSON or recorded for another fingerprint is never trusted: the .bin is scanned and
+    the file rewritten. An unwritable cache directory costs a scan at every start, nothing else.
+
+    It sees what the fingerprint sees: an in-place edit of the .bin that content_fingerprint
+    misses keeps the old value, so an out-of-range id written that way after the first start is
+    not refused (a start with an empty cache directory refuses it)."""
+    path = max_token_cache_path(prefix, cache_dir)
+    # Taken before the scan: data changed during it gets a fingerprint the next start will not match.
+    fingerprint = content_fingerprint(prefix)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+        if cached["fingerprint"] == fingerprint and type(cached["max_token"]) is int:
+            return cached["max_token"]
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # no cache yet, or a damaged one: rescanned and rewritten below
+    largest = IndexedDataset(prefix).max_token()
+    record = json.dumps({"path_prefix": prefix, "fingerprint": fingerprint, "max_token": largest}).encode()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_atomically(path, lambda f: f.write(record))
+    except OSError as e:
+        print(f"note: cannot cache the largest token id of {prefix}.bin in {path} ({e.strerror}); "
+              f"it is read whole again at the next start")
+    return largest
 
 
 def build_gpt_datasets(data: DataConfig, seq_length: int, num_samples: tuple[int, int, int], seed: int):
@@ -48,7 +92,7 @@ def build_gpt_datasets(data: DataConfig, seq_length: int, num_samples: tuple[int
     fractions = parse_split(data.split)
     total_weight = sum(w for w, _ in weighted_prefixes)
     opened = [(w / total_weight, prefix, *_open_indexed(prefix)) for w, prefix in weighted_prefixes]
-    cache_dir = data.data_cache_path  # None: each GPTDataset uses <dir of its prefix>/cache
+    cache_dir = data.data_cache_path  # None: each GPTDataset uses default_cache_dir(its prefix)
 
     results = []
     for split_index, split_name in enumerate(SPLIT_NAMES):

@@ -135,7 +135,7 @@ def prepare(cfg: Config) -> dict:
     check_dataset_fingerprints(wd_cfg)
     check_token_ids([prefix for _, prefix in parse_data_path(d.data_path)] +
                     [entry["path"] for entry in wd_cfg["db_datasets"]],
-                    tokenizer.vocab_size, d.tokenizer_model or d.vocab_file)
+                    tokenizer.vocab_size, d.tokenizer_model or d.vocab_file, d.data_cache_path)
     saved_k = wd_cfg["num_neighbors_save"]
     if retro.model.num_neighbors > saved_k:
         raise SystemExit(f"error: --retro-num-neighbors {retro.model.num_neighbors} exceeds the "

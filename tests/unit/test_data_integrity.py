@@ -1,16 +1,18 @@
 """Data that changed under a work dir, and token ids outside the vocabulary, are refused at
 start-up naming the file."""
 
+import errno
 import json
 import os
 import sysconfig
+import tempfile
 
 import numpy as np
 import pytest
 
-from megatron.data.builder import check_token_ids
-from megatron.data.indexed_dataset import (FINGERPRINT_PAGE_BYTES, FINGERPRINT_PAGES, IndexedDatasetBuilder,
-                                           content_fingerprint)
+from megatron.data.builder import check_token_ids, max_token_cache_path
+from megatron.data.indexed_dataset import (FINGERPRINT_PAGE_BYTES, FINGERPRINT_PAGES, IndexedDataset,
+                                           IndexedDatasetBuilder, content_fingerprint)
 from megatron.data.tokenizers import build_tokenizer
 from megatron.retro.tasks import describe_build
 from megatron.retro.workdir import WorkDir, write_json
@@ -83,9 +85,10 @@ def test_data_changed_in_place_under_a_work_dir_is_refused_naming_the_file(data,
             f.write(original)
 
 
-def write_dataset(prefix, tokens):
+def write_dataset(prefix, *documents):
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    builder.add_document(tokens)
+    for tokens in documents:
+        builder.add_document(tokens)
     builder.finalize(prefix + ".idx")
 
 
@@ -108,7 +111,7 @@ def test_fingerprint_of_a_large_bin_catches_what_its_docstring_promises(tmp_path
     assert content_fingerprint(prefix) == before
 
 
-def test_token_ids_outside_the_vocabulary_are_refused_at_start_up_naming_the_file(data):
+def test_token_ids_outside_the_vocabulary_are_refused_at_start_up_naming_the_file(data, tmp_path):
     vocab = build_tokenizer("HuggingFaceTokenizer", data["tok"]).vocab_size
     tokens = np.fromfile(data["prefix"] + ".bin", dtype=np.uint16)
     inside, outside = str(data["root"] / "inside"), str(data["root"] / "outside")
@@ -118,10 +121,125 @@ def test_token_ids_outside_the_vocabulary_are_refused_at_start_up_naming_the_fil
     message = f"{outside}.bin: holds token id {vocab}, outside the vocabulary of {vocab} tokens of the tokenizer"
     with pytest.raises(ValueError, match=message):
         pretrain_gpt(["--micro-batch-size", "2", "--num-layers", "1", "--hidden-size", "16",
-                      "--num-attention-heads", "2", *common_args(data, outside)])
+                      "--num-attention-heads", "2", "--data-cache-path", str(tmp_path),
+                      *common_args(data, outside)])
+    assert os.path.isfile(max_token_cache_path(outside, str(tmp_path)))  # --data-cache-path reaches it
     wd = built_work_dir(data, "wd_vocab", outside)
     with pytest.raises(ValueError, match=message):
         retro.prepare(training_config(data, wd, outside))
+
+
+VOCAB = 1000
+REFUSED = "{}.bin: holds token id 1000, outside the vocabulary of 1000 tokens"
+
+
+@pytest.fixture
+def scans(monkeypatch):
+    """The prefixes whose .bin IndexedDataset.max_token read whole, in order."""
+    calls = []
+    scan = IndexedDataset.max_token
+
+    def counted(self):
+        calls.append(self.path_prefix)
+        return scan(self)
+    monkeypatch.setattr(IndexedDataset, "max_token", counted)
+    return calls
+
+
+def test_the_largest_token_id_is_scanned_once_then_read_from_the_cache(tmp_path, scans):
+    inside, outside, cache = str(tmp_path / "inside"), str(tmp_path / "outside"), str(tmp_path / "elsewhere")
+    write_dataset(inside, np.arange(VOCAB))
+    write_dataset(outside, np.append(np.arange(50), VOCAB))
+    for _ in range(2):
+        check_token_ids([inside], VOCAB, "tok", cache)
+        with pytest.raises(ValueError, match=REFUSED.format(outside)):
+            check_token_ids([outside], VOCAB, "tok", cache)
+    assert scans == [inside, outside]  # the second start refused from the cached value
+    assert os.path.isfile(max_token_cache_path(inside, cache))
+    with pytest.raises(ValueError, match=f"{inside}.bin: holds token id 999, outside the vocabulary of 999 "):
+        check_token_ids([inside], VOCAB - 1, "tok", cache)  # the cached id meets each run's vocabulary
+    # Without --data-cache-path it sits with the GPT index caches, <dir of the prefix>/cache.
+    check_token_ids([inside], VOCAB, "tok")
+    assert os.path.dirname(max_token_cache_path(inside)) == str(tmp_path / "cache")
+    assert os.path.isfile(max_token_cache_path(inside)) and scans == [inside, outside, inside]
+
+
+def big_tokens():
+    """More than FINGERPRINT_PAGES pages, so only sampled pages of the .bin are fingerprinted."""
+    return np.arange(3 * FINGERPRINT_PAGES * FINGERPRINT_PAGE_BYTES // 2) % VOCAB
+
+
+UNSAMPLED = FINGERPRINT_PAGE_BYTES  # this uint16 token lies in page 2, between sampled pages 0 and 3
+
+
+def test_an_out_of_range_id_in_a_sampled_page_is_rescanned_and_refused(tmp_path, scans):
+    prefix, cache, tokens = str(tmp_path / "big"), str(tmp_path / "cache"), big_tokens()
+    write_dataset(prefix, tokens)
+    check_token_ids([prefix], VOCAB, "tok", cache)
+    tokens[5] = VOCAB  # in page 0; same size, same .idx
+    tokens.astype(np.uint16).tofile(prefix + ".bin")
+    with pytest.raises(ValueError, match=REFUSED.format(prefix)):
+        check_token_ids([prefix], VOCAB, "tok", cache)
+    assert scans == [prefix, prefix]
+
+
+def test_another_idx_over_the_same_bin_is_rescanned_an_edit_between_sampled_pages_is_not(tmp_path, scans):
+    """The cache sees what content_fingerprint sees, no more (check_token_ids' docstring)."""
+    prefix, cache, tokens = str(tmp_path / "big"), str(tmp_path / "cache"), big_tokens()
+    write_dataset(prefix, tokens)
+    check_token_ids([prefix], VOCAB, "tok", cache)
+    tokens[UNSAMPLED] = VOCAB
+    tokens.astype(np.uint16).tofile(prefix + ".bin")
+    check_token_ids([prefix], VOCAB, "tok", cache)  # missed: the cached value still stands
+    assert scans == [prefix]
+    write_dataset(prefix, tokens[:1000], tokens[1000:])  # the same .bin bytes in two documents
+    with pytest.raises(ValueError, match=REFUSED.format(prefix)):
+        check_token_ids([prefix], VOCAB, "tok", cache)
+    assert scans == [prefix, prefix]
+
+
+# FP: the dataset's own fingerprint. '\udcff' is written as the byte 0xff, which is not UTF-8.
+@pytest.mark.parametrize("damage", ['', '{"fingerprint": ', '\udcff', '[1, 2]', '{"fingerprint": "FP"}',
+                                    '{"fingerprint": "FP", "max_token": "1"}',
+                                    '{"fingerprint": "FP", "max_token": true}',
+                                    '{"fingerprint": "sha256-sampled:00", "max_token": 1}'])
+def test_a_damaged_cache_file_is_not_trusted_and_is_rewritten(tmp_path, scans, damage):
+    prefix, cache = str(tmp_path / "outside"), str(tmp_path / "cache")
+    write_dataset(prefix, np.append(np.arange(50), VOCAB))
+    path = max_token_cache_path(prefix, cache)
+    os.makedirs(cache)
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write(damage.replace("FP", content_fingerprint(prefix)))
+    with pytest.raises(ValueError, match=REFUSED.format(prefix)):
+        check_token_ids([prefix], VOCAB, "tok", cache)
+    assert scans == [prefix]
+    with open(path, encoding="utf-8") as f:
+        assert json.load(f) == {"path_prefix": prefix, "fingerprint": content_fingerprint(prefix),
+                                "max_token": VOCAB}
+
+
+def test_a_read_only_cache_dir_is_read_and_otherwise_costs_a_scan_per_start(tmp_path, scans, monkeypatch,
+                                                                             capsys):
+    inside, outside, cache = str(tmp_path / "inside"), str(tmp_path / "outside"), tmp_path / "cache"
+    write_dataset(inside, np.arange(VOCAB))
+    write_dataset(outside, np.append(np.arange(50), VOCAB))
+    check_token_ids([inside], VOCAB, "tok", str(cache))
+    cache.chmod(0o555)
+
+    # Root ignores the mode bits: refuse the write as the kernel does for anyone else.
+    def refused_write(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkstemp", refused_write)
+    try:
+        for _ in range(2):
+            check_token_ids([inside], VOCAB, "tok", str(cache))
+            with pytest.raises(ValueError, match=REFUSED.format(outside)):
+                check_token_ids([outside], VOCAB, "tok", str(cache))
+    finally:
+        cache.chmod(0o755)
+    assert scans == [inside, outside, outside]
+    assert os.listdir(cache) == [os.path.basename(max_token_cache_path(inside, str(cache)))]
+    assert f"cannot cache the largest token id of {outside}.bin" in capsys.readouterr().out
 
 
 def test_a_truncated_or_foreign_neighbour_file_is_named(tmp_path):
