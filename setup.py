@@ -18,9 +18,11 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "tensorboard", "matplotlib"],
+        "dev": ["pytest", "tensorboard", "matplotlib", "pyarrow"],
         "tensorboard": ["tensorboard"],
         # tools/plot_runs.py only; training never imports it.
         "plot": ["matplotlib"],
+        # tools/preprocess_data.py's parquet input only; imported when a parquet file is read.
+        "parquet": ["pyarrow"],
     },
 )
