@@ -1,4 +1,5 @@
-"""Reading one line of a JSONL corpus: the texts under the requested keys, or a clear problem."""
+"""Reading a JSONL corpus: its non-blank lines, numbered, and the texts under the requested keys of
+one line, or a clear problem."""
 
 import json
 
@@ -20,3 +21,13 @@ def texts_of_line(line: bytes | str, json_keys: list[str]) -> list[str]:
             raise ValueError(f"key {key!r} is not a string")
         texts.append(document[key])
     return texts
+
+
+def numbered_lines(path: str):
+    """Yield ("FILE:LINE", line) for each non-blank line of a JSONL file, as bytes: parsing them is
+    left to `texts_of_line`, in whichever process tokenizes them."""
+    with open(path, "rb") as f:
+        # Numbered before blank lines (a trailing newline, say) are dropped, so errors name the line.
+        for line_number, line in enumerate(f, start=1):
+            if line.strip():
+                yield f"{path}:{line_number}", line

@@ -56,8 +56,10 @@ def tokenizer_dir(corpus, tmp_path_factory):
 
 
 def run_preprocess(corpus, prefix, tokenizer_dir, workers, *extra_args):
+    """`corpus`: one --input argument, or a list of them."""
+    inputs = [corpus] if isinstance(corpus, str) else corpus
     return subprocess.run(
-        [sys.executable, "tools/preprocess_data.py", "--input", corpus, "--output-prefix", prefix,
+        [sys.executable, "tools/preprocess_data.py", "--input", *inputs, "--output-prefix", prefix,
          "--json-keys", "text", "--tokenizer-type", "HuggingFaceTokenizer",
          "--tokenizer-model", tokenizer_dir, "--append-eod", "--workers", str(workers),
          "--log-interval", "10", *extra_args],
