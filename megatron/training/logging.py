@@ -19,6 +19,8 @@ prints `value` for every metric and `PPL` for the language-model loss.
 
 import math
 
+from megatron.training.config import LoggingConfig
+
 
 def format_train_line(*, iteration: int, train_iters: int, consumed_samples: int, elapsed_ms: float,
                       learning_rate: float, global_batch_size: int, metrics: dict[str, float],
@@ -62,40 +64,76 @@ def format_validation_line(iteration: int, metrics: dict[str, float], lm_loss_na
     return " | ".join(parts) + " |"
 
 
-class TensorBoardWriter:
-    """Scalars under Megatron's tag names; only built where --tensorboard-dir is given (lazy import,
-    so runs without it need no tensorboard package)."""
+class ScalarWriter:
+    """The trainer's two calls, turned into Megatron's scalars under its tag names; a subclass says
+    where they go (`_write`) and how its run ends (`close`)."""
+
+    def train(self, iteration: int, consumed_samples: int, learning_rate: float, metrics: dict[str, float],
+              grad_norm: float | None, tokens_per_second: float, tflops_per_device: float, mfu: float | None):
+        scalars = {"learning-rate": learning_rate, **metrics}
+        if grad_norm is not None:
+            scalars["grad-norm"] = grad_norm
+        scalars["tokens-per-second"] = tokens_per_second
+        scalars["throughput-tflops-per-device"] = tflops_per_device
+        if mfu is not None:
+            scalars["mfu"] = mfu
+        self._write(iteration, consumed_samples, scalars, vs_samples=["learning-rate", *metrics])
+
+    def validation(self, iteration: int, consumed_samples: int, metrics: dict[str, float],
+                   lm_loss_name: str = "lm loss"):
+        scalars = {}
+        for name, value in metrics.items():
+            scalars[f"{name} validation"] = value
+            if name == lm_loss_name:
+                scalars[f"{name} validation ppl"] = perplexity(value)
+        self._write(iteration, consumed_samples, scalars, vs_samples=[f"{name} validation" for name in metrics])
+
+    def _write(self, iteration: int, consumed_samples: int, scalars: dict[str, float], vs_samples: list[str]):
+        """`scalars` at step `iteration`; Megatron also plots those named in `vs_samples` against
+        the consumed samples."""
+        raise NotImplementedError
+
+    def close(self):
+        raise NotImplementedError
+
+
+class TensorBoardWriter(ScalarWriter):
+    """Only built where --tensorboard-dir is given (lazy import, so runs without it need no
+    tensorboard package)."""
 
     def __init__(self, log_dir: str):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=log_dir, max_queue=100)
 
-    def train(self, iteration: int, consumed_samples: int, learning_rate: float, metrics: dict[str, float],
-              grad_norm: float | None, tokens_per_second: float, tflops_per_device: float, mfu: float | None):
-        w = self.writer
-        w.add_scalar("learning-rate", learning_rate, iteration)
-        w.add_scalar("learning-rate vs samples", learning_rate, consumed_samples)
-        for name, value in metrics.items():
-            w.add_scalar(name, value, iteration)
-            w.add_scalar(f"{name} vs samples", value, consumed_samples)
-        if grad_norm is not None:
-            w.add_scalar("grad-norm", grad_norm, iteration)
-        w.add_scalar("tokens-per-second", tokens_per_second, iteration)
-        w.add_scalar("throughput-tflops-per-device", tflops_per_device, iteration)
-        if mfu is not None:
-            w.add_scalar("mfu", mfu, iteration)
-
-    def validation(self, iteration: int, consumed_samples: int, metrics: dict[str, float],
-                   lm_loss_name: str = "lm loss"):
-        for name, value in metrics.items():
-            self.writer.add_scalar(f"{name} validation", value, iteration)
-            self.writer.add_scalar(f"{name} validation vs samples", value, consumed_samples)
-            if name == lm_loss_name:
-                self.writer.add_scalar(f"{name} validation ppl", perplexity(value), iteration)
-
-    def flush(self):
-        self.writer.flush()
+    def _write(self, iteration, consumed_samples, scalars, vs_samples):
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, iteration)
+        for tag in vs_samples:
+            self.writer.add_scalar(f"{tag} vs samples", scalars[tag], consumed_samples)
 
     def close(self):
         self.writer.close()
+
+
+class Writers(ScalarWriter):
+    """Every enabled writer behind the trainer's calls; with none, the calls do nothing."""
+
+    def __init__(self, writers: list[ScalarWriter]):
+        self.writers = writers
+
+    def _write(self, *args, **kwargs):
+        for writer in self.writers:
+            writer._write(*args, **kwargs)
+
+    def close(self):
+        for writer in self.writers:
+            writer.close()
+
+
+def build_writers(lg: LoggingConfig) -> Writers:
+    """The writers the logging section `lg` asks for."""
+    writers = []
+    if lg.tensorboard_dir:
+        writers.append(TensorBoardWriter(lg.tensorboard_dir))
+    return Writers(writers)

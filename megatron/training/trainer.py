@@ -38,7 +38,7 @@ from megatron.training.checkpointing import TrainState, load_checkpoint, save_ch
 from megatron.training.config import Config
 from megatron.training.flops import BestPeak, FixedPeak, gpt_flops_per_token, mfu_peak
 from megatron.training.initialize import DistEnv, initialize_distributed, pipeline_rank, set_random_seed
-from megatron.training.logging import TensorBoardWriter, format_train_line, format_validation_line
+from megatron.training.logging import Writers, build_writers, format_train_line, format_validation_line
 from megatron.training.lr_schedule import LRScheduler
 from megatron.training.optimizer import build_optimizer
 
@@ -368,7 +368,7 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
         peak, peak_line = mfu_peak(env.device, torch.bfloat16 if t.bf16 else torch.float32, lg.peak_tflops)
         if peak_line:
             say(peak_line)
-    tensorboard = TensorBoardWriter(lg.tensorboard_dir) if lg.tensorboard_dir and env.is_last_rank else None
+    writers = build_writers(lg) if env.is_last_rank else Writers([])
 
     trainer = _Trainer(cfg, env, par, forward_step, optimizer, scheduler, num_micro)
     interval = _Interval(tokens_per_iteration=gbs * cfg.model.seq_length, flops_per_token=flops_per_token,
@@ -393,8 +393,7 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
         validation_history.append((state.iteration, metrics))
         line = format_validation_line(state.iteration, metrics, LM_LOSS, suffix)
         say("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
-        if tensorboard:
-            tensorboard.validation(state.iteration, state.consumed_train_samples, metrics, LM_LOSS)
+        writers.validation(state.iteration, state.consumed_train_samples, metrics, LM_LOSS)
 
     say(" > training ...")
     par.model.train()
@@ -419,9 +418,8 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
                 mfu=throughput["mfu"])
             # After Megatron's fields, so its parsers still read the line.
             say(line + f" {throughput['peak_note']} |" if throughput["peak_note"] else line)
-            if tensorboard:
-                tensorboard.train(state.iteration, state.consumed_train_samples, lr, averaged, grad_norm,
-                                  throughput["tokens_per_second"], throughput["tflops_per_device"], throughput["mfu"])
+            writers.train(state.iteration, state.consumed_train_samples, lr, averaged, grad_norm,
+                          throughput["tokens_per_second"], throughput["tflops_per_device"], throughput["mfu"])
 
         if do_eval and state.iteration % t.eval_interval == 0:
             validate()
@@ -435,8 +433,7 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
         save()
     if do_eval and last_evaluated != state.iteration:
         validate(" on validation set")
-    if tensorboard:
-        tensorboard.close()
+    writers.close()
 
     last_valid = validation_history[-1][1] if validation_history else {}
     return {
