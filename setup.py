@@ -18,8 +18,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "tensorboard", "matplotlib", "pyarrow"],
+        "dev": ["pytest", "tensorboard", "wandb", "matplotlib", "pyarrow"],
         "tensorboard": ["tensorboard"],
+        # --wandb-project only; imported lazily, so other runs never need it.
+        "wandb": ["wandb"],
         # tools/plot_runs.py only; training never imports it.
         "plot": ["matplotlib"],
         # tools/preprocess_data.py's parquet input only; imported when a parquet file is read.

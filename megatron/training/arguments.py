@@ -116,6 +116,11 @@ def _add_logging_args(parser):
     d = lambda name: _default(LoggingConfig, name)  # noqa: E731
     g.add_argument("--log-interval", type=int, default=d("log_interval"))
     g.add_argument("--tensorboard-dir", default=d("tensorboard_dir"))
+    g.add_argument("--wandb-project", default=d("wandb_project"),
+                   help="also log the TensorBoard scalars to this Weights & Biases project (pip install wandb)")
+    g.add_argument("--wandb-exp-name", default=d("wandb_exp_name"), help="the W&B run's name")
+    g.add_argument("--wandb-save-dir", default=d("wandb_save_dir"),
+                   help="where the W&B run's files go (default: --save/wandb, else $WANDB_DIR or ./wandb)")
     g.add_argument("--peak-tflops", type=float, default=d("peak_tflops"),
                    help="per-device peak TFLOP/s for MFU (default: a known GPU's nominal dense peak for the "
                         "dtype, else the best matmul rate measured on this device during the run)")
@@ -204,6 +209,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error(f"--eval-iters must be >= 0, got {args.eval_iters}")
     if args.save_interval is not None and args.save is None:
         parser.error("--save-interval needs --save DIR")
+    if args.wandb_project and not args.wandb_exp_name:
+        parser.error("--wandb-project needs --wandb-exp-name NAME (the W&B run's name)")
 
 
 def namespace_to_config(args: argparse.Namespace, extra_config_provider=None) -> Config:

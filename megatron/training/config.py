@@ -91,6 +91,10 @@ class TrainingConfig:
 class LoggingConfig:
     log_interval: int = 10
     tensorboard_dir: str | None = None
+    # Weights & Biases beside TensorBoard (logging.WandbWriter): on when wandb_project is set.
+    wandb_project: str | None = None
+    wandb_exp_name: str | None = None  # the run's name; required with wandb_project, as in Megatron
+    wandb_save_dir: str | None = None  # None: <save>/wandb, else wandb's default ($WANDB_DIR or ./wandb)
     peak_tflops: float | None = None  # None: a known GPU's nominal peak, else the best measured (flops.mfu_peak)
 
 

@@ -1,4 +1,5 @@
-"""Training and validation log lines in Megatron-LM's format, and TensorBoard scalars.
+"""Training and validation log lines in Megatron-LM's format, and the same scalars for
+TensorBoard and Weights & Biases.
 
 The lines keep Megatron-LM's field names, order and number formats so existing log parsers work:
 
@@ -18,6 +19,7 @@ prints `value` for every metric and `PPL` for the language-model loss.
 """
 
 import math
+import os
 
 from megatron.training.config import LoggingConfig
 
@@ -116,6 +118,28 @@ class TensorBoardWriter(ScalarWriter):
         self.writer.close()
 
 
+class WandbWriter(ScalarWriter):
+    """The same scalars in a Weights & Biases run, as Megatron's --wandb-* flags set it up; wandb is
+    imported here only, so runs without --wandb-project need no wandb package."""
+
+    def __init__(self, project: str, name: str, save_dir: str | None, config: dict):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("--wandb-project needs the wandb package: pip install wandb") from e
+        if save_dir:
+            os.makedirs(save_dir, exist_ok=True)
+        self.run = wandb.init(project=project, name=name, dir=save_dir, config=config)
+
+    def _write(self, iteration, consumed_samples, scalars, vs_samples):
+        # A W&B run has a single step axis, so instead of TensorBoard's "vs samples" copies it gets
+        # the sample count (Megatron's W&B tag) to choose as the x-axis.
+        self.run.log({**scalars, "samples vs steps": consumed_samples}, step=iteration)
+
+    def close(self):
+        self.run.finish()
+
+
 class Writers(ScalarWriter):
     """Every enabled writer behind the trainer's calls; with none, the calls do nothing."""
 
@@ -131,9 +155,13 @@ class Writers(ScalarWriter):
             writer.close()
 
 
-def build_writers(lg: LoggingConfig) -> Writers:
-    """The writers the logging section `lg` asks for."""
+def build_writers(lg: LoggingConfig, checkpoint_dir: str | None, run_config: dict) -> Writers:
+    """The writers the logging section `lg` asks for. W&B's files go to --wandb-save-dir, else to
+    <--save>/wandb as in Megatron, else where wandb puts them by default ($WANDB_DIR or ./wandb)."""
     writers = []
     if lg.tensorboard_dir:
         writers.append(TensorBoardWriter(lg.tensorboard_dir))
+    if lg.wandb_project:
+        save_dir = lg.wandb_save_dir or (os.path.join(checkpoint_dir, "wandb") if checkpoint_dir else None)
+        writers.append(WandbWriter(lg.wandb_project, lg.wandb_exp_name, save_dir, run_config))
     return Writers(writers)

@@ -338,6 +338,9 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
         _print_config(cfg)
     say(f" > number of parameters: {num_params} on {env.world_size} process(es), device {env.device}, "
         f"data-parallel size {par.dp_size}, {num_micro} micro-batch(es) per iteration")
+    config_dict = asdict(cfg)
+    # Before the optimizer and the data, so that a missing wandb package fails the run early.
+    writers = build_writers(lg, ck.save, config_dict) if env.is_last_rank else Writers([])
 
     optimizer = build_optimizer(par.model, t)
     scheduler = LRScheduler(optimizer, t)
@@ -368,14 +371,12 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
         peak, peak_line = mfu_peak(env.device, torch.bfloat16 if t.bf16 else torch.float32, lg.peak_tflops)
         if peak_line:
             say(peak_line)
-    writers = build_writers(lg) if env.is_last_rank else Writers([])
 
     trainer = _Trainer(cfg, env, par, forward_step, optimizer, scheduler, num_micro)
     interval = _Interval(tokens_per_iteration=gbs * cfg.model.seq_length, flops_per_token=flops_per_token,
                          world_size=env.world_size, peak=peak)
     train_history, validation_history, last_metrics = [], [], {}
     last_saved = last_evaluated = state.iteration
-    config_dict = asdict(cfg)
 
     def save():
         nonlocal last_saved

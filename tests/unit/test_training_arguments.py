@@ -18,6 +18,7 @@ def test_flags_land_in_their_sections():
         "--min-lr", "1e-5", "--lr-decay-style", "linear", "--lr-warmup-iters", "5", "--clip-grad", "0.5",
         "--adam-beta2", "0.99", "--bf16", "--seed", "7", "--eval-interval", "10", "--eval-iters", "3",
         "--log-interval", "2", "--tensorboard-dir", "tb", "--peak-tflops", "312",
+        "--wandb-project", "retro", "--wandb-exp-name", "run1", "--wandb-save-dir", "wb",
         "--save", "ck", "--load", "ck", "--save-interval", "10", "--ckpt-keep-last", "2", "--no-load-rng",
         "--data-path", "0.3", "a", "0.7", "b", "--split", "98,2,0", "--tokenizer-type", "HuggingFaceTokenizer",
         "--tokenizer-model", "tok.json", "--num-workers", "1",
@@ -33,6 +34,7 @@ def test_flags_land_in_their_sections():
         ("linear", 5, 0.5, 0.99, True, 7)
     assert (t.eval_interval, t.eval_iters) == (10, 3)
     assert (lg.log_interval, lg.tensorboard_dir, lg.peak_tflops) == (2, "tb", 312.0)
+    assert (lg.wandb_project, lg.wandb_exp_name, lg.wandb_save_dir) == ("retro", "run1", "wb")
     assert (ck.save, ck.load, ck.save_interval, ck.keep_last_n, ck.no_load_rng, ck.no_load_optim) == \
         ("ck", "ck", 10, 2, True, False)
     assert d.data_path == ["0.3", "a", "0.7", "b"] and d.split == "98,2,0"
@@ -62,6 +64,7 @@ def test_no_field_name_is_claimed_by_two_sections():
     (["--micro-batch-size", "3", "--global-batch-size", "8"], "not a multiple"),
     (["--lr", "1e-4", "--min-lr", "1e-3"], "--min-lr"),
     (["--save-interval", "10"], "--save"),
+    (["--wandb-project", "retro"], "--wandb-exp-name"),
     (["--num-layers", "0"], "--num-layers"),
     (["--hidden-size", "100", "--num-attention-heads", "3"], "not divisible"),
     (["--lr-decay-style", "exponential"], "invalid choice"),

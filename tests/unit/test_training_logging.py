@@ -1,8 +1,11 @@
-"""Log lines parse with Megatron-LM-style regexes; TensorBoard gets the scalars."""
+"""Log lines parse with Megatron-LM-style regexes; TensorBoard gets the scalars; wandb stays optional."""
 
 import glob
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 from megatron.training.logging import TensorBoardWriter, format_train_line, format_validation_line
 
@@ -68,3 +71,12 @@ def test_tensorboard_writer_writes_events(tmp_path):
     assert {"lm loss", "learning-rate", "grad-norm", "tokens-per-second", "mfu", "lm loss validation",
             "lm loss validation ppl"} <= tags
     assert events.Scalars("lm loss validation")[0].value == 4.0
+
+
+def test_training_does_not_import_wandb():
+    # A fresh interpreter: this one may have imported wandb for another test.
+    code = ("import sys, megatron.training.trainer, megatron.training.arguments; "
+            "assert 'wandb' not in sys.modules, 'wandb imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

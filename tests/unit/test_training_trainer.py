@@ -1,5 +1,9 @@
 """The pretraining loop on a synthetic in-memory dataset: accumulation, resume, exit, logging."""
 
+import json
+import struct
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -81,6 +85,78 @@ def test_training_logs_megatron_lines_and_learns(capsys):
     assert summary["iteration"] == 12 and summary["train_loss"] == history[-1]
     assert history[-1] < history[0] - 0.5
     assert summary["validation_loss"] == summary["validation_history"][-1][1][LM_LOSS]
+
+
+def _wandb_records(path):
+    """The records of an offline run's .wandb file, decoded with wandb's own protobuf (wandb 0.31
+    ships no Python reader). The file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of
+    chunks (CRC 4 bytes, length 2, type 1: full, first, middle, last); a block's tail of under 7
+    bytes is padding."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    block, data = 32768, path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full or last: a whole record
+            record = Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def test_wandb_run_gets_the_logged_scalars(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp_path / "default",
+                        "WANDB_CONFIG_DIR": tmp_path / "config", "WANDB_CACHE_DIR": tmp_path / "cache",
+                        "WANDB_DATA_DIR": tmp_path / "data"}.items():
+        monkeypatch.setenv(name, str(value))
+    summary = _run("--train-iters", "4", "--eval-interval", "2", "--save", str(tmp_path / "ckpt"),
+                   "--wandb-project", "retro-test", "--wandb-exp-name", "tiny", "--tensorboard-dir", str(tmp_path / "tb"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(" iteration ")]
+    # run.finish() may return before wandb's service has written the run file out (1 in 10 here);
+    # teardown, which a training process's exit runs anyway, waits for it.
+    wandb.teardown()
+
+    # Megatron's default place: --save/wandb (wandb adds its own wandb/ folder inside).
+    (run_file,) = (tmp_path / "ckpt" / "wandb").glob("wandb/offline-run-*/run-*.wandb")
+    history, run = {}, None
+    for record in _wandb_records(run_file):
+        if record.WhichOneof("record_type") == "run":
+            run = record.run
+        elif record.WhichOneof("record_type") == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history[row["_step"]] = row
+    assert (run.project, run.display_name) == ("retro-test", "tiny")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["training"]["train_iters"] == 4 and config["logging"]["wandb_exp_name"] == "tiny"
+
+    assert sorted(history) == [1, 2, 3, 4]  # one row per logged iteration, the iteration as the step
+    for iteration, metrics in summary["train_history"]:
+        row = history[iteration]
+        assert row["lm loss"] == pytest.approx(metrics[LM_LOSS], rel=1e-12)
+        assert row["twice"] == pytest.approx(metrics["twice"], rel=1e-12)
+        assert row["samples vs steps"] == 4 * iteration
+        assert {"learning-rate", "grad-norm", "tokens-per-second", "mfu"} <= row.keys()
+    assert f"lm loss: {history[4]['lm loss']:.6E} |" in lines[-1]  # the trainer's own log line
+    for iteration, metrics in summary["validation_history"]:
+        assert history[iteration]["lm loss validation"] == pytest.approx(metrics[LM_LOSS], rel=1e-12)
+        assert "lm loss validation ppl" in history[iteration]
+    assert [i for i, _ in summary["validation_history"]] == [2, 4]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))  # TensorBoard still writes beside it
+
+
+def test_wandb_without_the_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
+    with pytest.raises(ImportError, match="pip install wandb"):
+        _run("--wandb-project", "retro-test", "--wandb-exp-name", "tiny")
 
 
 def test_gradient_accumulation_matches_one_big_micro_batch():
