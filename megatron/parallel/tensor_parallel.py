@@ -194,6 +194,8 @@ def retro_encoder_plan(encoder: nn.Module) -> dict[str, ParallelStyle]:
     plan = {"norm": ReplicateParallel()}
     if encoder.input_proj is not None:
         plan["input_proj"] = ReplicateParallel()
+    if encoder.skip_norm is not None:
+        plan["skip_norm"] = ReplicateParallel()
     for name, layer in encoder.layers.items():
         p = f"layers.{name}"
         plan.update({f"{p}.attention_norm": ReplicateParallel(), **replicated_input(f"{p}.attention"),

@@ -76,6 +76,11 @@ def add_retro_args(parser):
     g.add_argument("--retro-encoder-attention-heads", type=int, default=None)
     g.add_argument("--retro-encoder-cross-attention", choices=["first", "all"], default="first",
                    help="encoder layers conditioned on the decoder chunk (paper and Megatron-LM: first)")
+    g.add_argument("--retro-encoder-embedding-skip", action=argparse.BooleanOptionalAction,
+                   default=RetroConfig.encoder_embedding_skip,
+                   help="add each neighbour token's normalised embedding to the encoder output, so the "
+                        "chunked cross-attention reads which token sits where (models/retro/encoder.py); "
+                        "--no-retro-encoder-embedding-skip: the paper's encoder")
     g.add_argument("--retro-cca-gate-init", type=float, default=RetroConfig.cca_gate_init,
                    help="start of each retro layer's tanh(alpha) gate on its chunked cross-attention "
                         "output (alpha; 0 starts closed, as Flamingo, and stayed closed on real text: "
@@ -112,6 +117,7 @@ def retro_config_from_args(args) -> dict:
         encoder_hidden_size=args.retro_encoder_hidden_size,
         encoder_num_attention_heads=args.retro_encoder_attention_heads,
         encoder_cross_attention=args.retro_encoder_cross_attention,
+        encoder_embedding_skip=args.retro_encoder_embedding_skip,
         cca_gate_init=args.retro_cca_gate_init,
         align_neighbors=args.retro_align_neighbors,
         attention_gate=args.retro_attention_gate)
@@ -157,8 +163,9 @@ def config_from_checkpoint(path: str, work_dir: str) -> Config:
     saved_retro = saved.get("extra", {}).get("retro")
     if saved_retro is None:
         raise ValueError(f"{path}: not a pretrain_retro.py checkpoint (its config has no retro section)")
-    # Checkpoints from before aligned neighbours were trained on the DB's chunk boundaries.
-    model = RetroConfig(**{"align_neighbors": False, **saved_retro.pop("model")})
+    # Checkpoints from before aligned neighbours were trained on the DB's chunk boundaries, and
+    # those from before the encoder's embedding skip have none.
+    model = RetroConfig(**{"align_neighbors": False, "encoder_embedding_skip": False, **saved_retro.pop("model")})
     cfg.extra["retro"] = RetroTrainingConfig(**dict(saved_retro, model=model, work_dir=os.path.abspath(work_dir)))
     return cfg
 

@@ -328,7 +328,7 @@ def test_evaluate_overlap_buckets_partition_the_chunks_and_their_loss(workspace,
     assert on != off  # the neighbours reach the scored positions
 
 
-def test_aligned_neighbours_are_what_evaluation_reads_and_old_checkpoints_stay_unaligned(workspace, tmp_path):
+def test_aligned_neighbours_are_what_evaluation_reads_and_old_checkpoints_stay_as_trained(workspace, tmp_path):
     import json
 
     from megatron.retro.chunk_db import ChunkDB
@@ -350,14 +350,18 @@ def test_aligned_neighbours_are_what_evaluation_reads_and_old_checkpoints_stay_u
     assert np.array_equal(item["neighbor_tokens"], db.get_tokens(ids[0, :, :k], align_to=chunks))
     assert not np.array_equal(item["neighbor_tokens"], db.get_tokens(ids[0, :, :k]))  # some neighbour moved
 
-    # A checkpoint written before the field existed was trained on unaligned neighbours.
+    # A checkpoint written before the fields existed was trained on unaligned neighbours, with
+    # the paper's encoder (no embedding skip).
     config_file = os.path.join(path, CONFIG_FILE)
     with open(config_file) as f:
         saved = json.load(f)
+    assert saved["extra"]["retro"]["model"]["encoder_embedding_skip"]  # the default
     del saved["extra"]["retro"]["model"]["align_neighbors"]
+    del saved["extra"]["retro"]["model"]["encoder_embedding_skip"]
     with open(config_file, "w") as f:
         json.dump(saved, f)
-    assert not retro.config_from_checkpoint(path, str(workspace["work_dir"])).extra["retro"].model.align_neighbors
+    old = retro.config_from_checkpoint(path, str(workspace["work_dir"])).extra["retro"].model
+    assert not old.align_neighbors and not old.encoder_embedding_skip
 
 
 def test_evaluate_reports_the_gate_per_mode_and_per_overlap_bucket(workspace, tmp_path):

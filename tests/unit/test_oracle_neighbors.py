@@ -55,7 +55,8 @@ def test_a_useful_neighbour_holds_its_chunk_and_continuation_displaced_by_at_mos
 def test_the_default_gate_learns_to_copy_far_sooner_than_a_closed_one(prefix, capsys):
     """Issue 13, part 2: a CCA whose tanh gate starts at 0 learns to read neighbours that hold the
     text only once its gate has random-walked open (here late; on real text at lr 1e-3, not in 400
-    steps); starting at 0.1 (the default) it reads them early."""
+    steps); starting at 0.1 (the default) it reads them early. (With the encoder's embedding skip
+    the closed gate gets there sooner than it did, 0.995 nats here, but still at 4-5x the loss.)"""
     def train(gate_init):
         main(tiny(prefix, "--steps", "150", "--batch-size", "32", "--lr", "1e-2", "--useful", "1.0",
                   "--retro-cca-gate-init", str(gate_init), "--log-interval", "150"))
@@ -67,7 +68,7 @@ def test_the_default_gate_learns_to_copy_far_sooner_than_a_closed_one(prefix, ca
     assert first["readers_off"] > 3.5  # ln 64 = 4.16: random tokens, nothing to learn without copying
     _, default = train(RetroConfig.cca_gate_init)
     assert default["readers_on"] < default["readers_off"] - 2.0, default
-    assert default["readers_on"] < closed["readers_on"] - 1.0, (default, closed)
+    assert default["readers_on"] < 0.5 * closed["readers_on"], (default, closed)
 
 
 def test_too_short_a_corpus_and_a_displacement_beyond_the_chunk_are_refused(prefix):

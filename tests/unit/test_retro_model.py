@@ -263,6 +263,53 @@ def test_a_default_retro_starts_as_its_gpt_with_its_cca_barely_open():
     assert retro.layers["1"].cca.wq.weight.grad.abs().max().item() == 0
 
 
+def test_the_encoder_embedding_skip_adds_each_neighbour_tokens_normalised_embedding():
+    """Same seed, same weights: the encoder's output with the skip is its output without plus
+    each neighbour token's embedding, projected to the encoder width and RMS-normalised
+    (computed here by hand, not by the model's norm)."""
+    cfg = model_config()
+    rcfg = dict(encoder_hidden_size=32, encoder_num_attention_heads=2)
+    with_skip = build_retro(cfg, retro_config(encoder_embedding_skip=True, **rcfg), seed=5)
+    without = build_retro(cfg, retro_config(encoder_embedding_skip=False, **rcfg), seed=5)
+    assert set(with_skip.state_dict()) - set(without.state_dict()) == {"layers.1.encoder.skip_norm.weight"}
+    tokens = torch.randint(0, V, (2, 32))
+    nb, mask = random_neighbors(2, 32)
+    encoders = []
+    for model in (with_skip, without):
+        encoder = model.layers["1"].encoder
+        embedded = model.embed_neighbors(nb, mask)
+        states = model.layers["1"].cca_norm(model.tok_embeddings(tokens))
+        encoders.append(encoder(embedded, states))
+    projected = with_skip.layers["1"].encoder.input_proj(with_skip.embed_neighbors(nb, mask))
+    by_hand = projected / projected.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()
+    torch.testing.assert_close(encoders[0] - encoders[1], by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_the_embedding_skip_learns_to_copy_from_neighbours_much_faster():
+    """The copy task (a neighbour holds the continuation, the context nothing): after 60 steps a
+    RETRO with the paper's encoder still reads its neighbours poorly; with the skip its loss is
+    well below (measured: 1.53-1.65 against 2.48-2.64 over two seeds, ln V = 4.16)."""
+    cfg, s, b = model_config(), 32, 8
+    losses = {}
+    for skip in (True, False):
+        torch.manual_seed(0)
+        model = RetroModel(cfg, retro_config(decoder_layers=None, encoder_num_layers=2, cca_gate_init=0.1,
+                                             encoder_embedding_skip=skip))
+        model.init_weights()
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(60):
+            tokens, labels, nb, mask = copy_task_batch(g, b, s)
+            loss = F.cross_entropy(model(tokens, nb, mask).flatten(0, 1), labels.flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        tokens, labels, nb, mask = copy_task_batch(torch.Generator().manual_seed(2), 32, s)
+        with torch.no_grad():
+            losses[skip] = F.cross_entropy(model(tokens, nb, mask).flatten(0, 1), labels.flatten()).item()
+    assert losses[True] < 0.75 * losses[False], losses
+
+
 def train_on_markov_chain(model, steps=40, lr=1e-2, with_neighbors=True):
     """Per-step lm losses of `model` trained with AdamW on seeded bigram-chain text, each chunk
     given random neighbours (noise: nothing in them predicts the text)."""

@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--retro-encoder-hidden-size", type=int, default=None)
     p.add_argument("--retro-encoder-attention-heads", type=int, default=None)
     p.add_argument("--retro-cca-gate-init", type=float, default=RetroConfig.cca_gate_init)
+    p.add_argument("--retro-encoder-embedding-skip", action=argparse.BooleanOptionalAction,
+                   default=RetroConfig.encoder_embedding_skip)
     p.add_argument("--useful", type=float, default=0.5, help="share of chunks whose neighbour 0 holds the text")
     p.add_argument("--displace", type=int, default=0,
                    help="shift the useful neighbour by a random 0..N tokens (N < chunk length)")
@@ -116,7 +118,8 @@ def build(args):
         chunk_length=args.retro_chunk_length, num_neighbors=args.retro_num_neighbors,
         decoder_layers=args.retro_decoder_layers, encoder_num_layers=args.retro_encoder_layers,
         encoder_hidden_size=args.retro_encoder_hidden_size,
-        encoder_num_attention_heads=args.retro_encoder_attention_heads, cca_gate_init=args.retro_cca_gate_init))
+        encoder_num_attention_heads=args.retro_encoder_attention_heads, cca_gate_init=args.retro_cca_gate_init,
+        encoder_embedding_skip=args.retro_encoder_embedding_skip))
     torch.manual_seed(args.seed)
     model = retro.model_provider(cfg)
     model.init_weights()

@@ -26,6 +26,10 @@ class RetroConfig:
     # Which encoder layers cross-attend to the decoder states of the chunk they serve: the
     # paper (and Megatron-LM) condition the first encoder layer only.
     encoder_cross_attention: str = "first"
+    # Add each neighbour token's normalised embedding to the encoder's output (models/retro/encoder.py):
+    # without it the output barely tells which token sits where, and copying from neighbours was
+    # slow to learn even when they held the text.
+    encoder_embedding_skip: bool = True
     # Start of each retro layer's tanh gate on the CCA output (models/retro/gate.py): alpha = 0.1
     # adds a tenth of the CCA's output, too little to slow the decoder, yet enough for the CCA to
     # learn. A gate at 0 (Flamingo's) starts with no CCA gradient and alpha random-walks around 0,

@@ -9,6 +9,13 @@ Input: the neighbours' tokens embedded with the decoder's own token embedding, [
     x = x + mlp(norm(x))
 and a final norm. Output: E [b, l, k, r, d_enc], used by every CCA of the decoder.
 
+Embedding skip (RetroConfig.encoder_embedding_skip, on by default): E = norm(x_L) + skip_norm(x_0),
+each token's own (projected) embedding added back at unit scale. The residual stream starts from
+embeddings of std 0.02 while each sublayer adds several times that of other positions' content
+(self-attention over the neighbour, cross-attention to the chunk), so without it E at position j
+carried token j only faintly: the CCA soon attended to the right neighbour token, yet the copy it
+read gained 0.155 of ~3 nats on leaked neighbours in 400 steps; with it 0.62 (docs/experiments.md).
+
 Conditioning on H_u is causal-safe: E_u is only read by decoder positions from the last token
 of chunk u onwards (see chunked_cross_attention.py), and H_u depends on no later token.
 """
@@ -54,9 +61,10 @@ class RetroEncoderLayer(nn.Module):
 
 class RetroEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig, decoder_hidden_size: int, chunk_length: int,
-                 cross_attention: str = "first"):
+                 cross_attention: str = "first", embedding_skip: bool = False):
         """cfg: the encoder's ModelConfig (RetroConfig.encoder_model_config);
-        cross_attention: "first" or "all" encoder layers attend to the decoder chunk."""
+        cross_attention: "first" or "all" encoder layers attend to the decoder chunk;
+        embedding_skip: add the normalised input embeddings to the output (module docstring)."""
         super().__init__()
         self.cfg = cfg
         self.chunk_length = chunk_length
@@ -67,6 +75,7 @@ class RetroEncoder(nn.Module):
             for i in range(cfg.num_layers)
         })
         self.norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon)
+        self.skip_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon) if embedding_skip else None
 
     def forward(self, neighbors: torch.Tensor, decoder_states: torch.Tensor) -> torch.Tensor:
         """neighbors: [b, l, k, r, h] embedded neighbour tokens; decoder_states: [b, s, h] the
@@ -79,8 +88,11 @@ class RetroEncoder(nn.Module):
         chunk_states = F.pad(decoder_states, (0, 0, 0, l * m - decoder_states.shape[1]))
         chunk_states = chunk_states.reshape(b * l, m, -1)
         x = neighbors if self.input_proj is None else self.input_proj(neighbors)
-        x = x.reshape(b * l, k * r, -1)
+        x = embedded = x.reshape(b * l, k * r, -1)
         rope = rope_tables(self.cfg.head_dim, r, self.cfg.rotary_base, device=x.device)
         for layer in self.layers.values():
             x = layer(x, chunk_states, rope, r)
-        return self.norm(x).reshape(b, l, k, r, -1)
+        out = self.norm(x)
+        if self.skip_norm is not None:
+            out = out + self.skip_norm(embedded)
+        return out.reshape(b, l, k, r, -1)

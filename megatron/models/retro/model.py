@@ -44,7 +44,8 @@ class RetroBlock(TransformerBlock):
             kv_dim=enc_cfg.hidden_size, bias=cfg.add_bias_linear, dropout=cfg.attention_dropout,
             rotary_base=cfg.rotary_base)
         self.encoder = (RetroEncoder(enc_cfg, cfg.hidden_size, retro_cfg.chunk_length,
-                                     retro_cfg.encoder_cross_attention) if with_encoder else None)
+                                     retro_cfg.encoder_cross_attention, retro_cfg.encoder_embedding_skip)
+                        if with_encoder else None)
         self.cca_gate = TanhGate(retro_cfg.cca_gate_init)
         self.gate = AttentionGate(retro_cfg.chunk_length) if retro_cfg.attention_gate else None
 
