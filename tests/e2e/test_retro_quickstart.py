@@ -13,7 +13,7 @@ from train_log import VALID_RE, iterations
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.slow
-QUICKSTART_ARGS = ["--max-files", "12", "--vocab-size", "512", "--seq-length", "128", "--train-iters", "12",
+QUICKSTART_ARGS = ["--input", "stdlib", "--max-files", "12", "--vocab-size", "512", "--seq-length", "128", "--train-iters", "12",
                    "--eval-interval", "6", "--eval-iters", "2", "--global-batch-size", "4", "--micro-batch-size",
                    "2", "--num-layers", "3", "--hidden-size", "64", "--num-attention-heads", "4", "--workers", "1",
                    "--split", "75,25,0"]
