@@ -15,7 +15,7 @@ Steps (each a command a user could run by hand; each is skipped when its output 
 interrupted quickstart resumes):
   1. tools/corpus_from_files.py          a seeded random sample of the *.py files -> corpus.jsonl
   2. tools/train_tokenizer.py            byte-level BPE -> tokenizer/tokenizer.json
-  3. tools/preprocess_data.py            -> data/stdlib_text_document.bin/.idx
+  3. tools/preprocess_data.py            -> data/corpus_text_document.bin/.idx
      (with --db-max-files, 1 and 3 again for a datastore of other files of --input)
   4. tools/retro/preprocess_data.py      work dir: chunk DB, embeddings, index, neighbours
   5. pretrain_retro.py --retro-add-retriever   a small RETRO, saved every --curve-interval steps
@@ -113,7 +113,7 @@ def main(argv=None):
     py = sys.executable
     corpus = os.path.join(ws, "corpus.jsonl")
     tokenizer_dir = os.path.join(ws, "tokenizer")
-    prefix = os.path.join(ws, "data", "stdlib")
+    prefix = os.path.join(ws, "data", "corpus")
     data_path = prefix + "_text_document"
     work_dir = os.path.join(ws, "retro_workdir")
     tok = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_dir]
