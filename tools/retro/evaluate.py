@@ -185,7 +185,7 @@ def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_ba
     return results
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--retro-work-dir", required=True)
     p.add_argument("--load", required=True, help="checkpoint directory written by pretrain_retro.py --save")
@@ -206,7 +206,11 @@ def main(argv=None) -> int:
                         "neighbours (megatron/training/copy_probe.py)")
     p.add_argument("--overlap-buckets", action="store_true",
                    help="also report lm loss on/off by how much of each chunk its neighbours contain (13-grams)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     parallel = {"tensor_model_parallel_size": args.tensor_model_parallel_size,
                 "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
                 "sequence_parallel": args.sequence_parallel}
