@@ -17,11 +17,13 @@ import torch
 from torch.distributed.run import get_args_parser
 
 from megatron.models.gpt.model import count_parameters
+from megatron.parallel.mesh import MeshShape, mesh_shape
 from megatron.retro.workdir import FORMAT_VERSION, WorkDir
 from megatron.training import retro
 from megatron.training.arguments import build_parser, parse_args
 from megatron.training.config import pad_vocab_size
 from megatron.training.flops import gpt_flops_per_token
+from megatron.training.trainer import resolve_batch_sizes
 from tools.preprocess_data import parse_args as parse_preprocess_args
 from tools.retro.evaluate import parse_args as parse_evaluate_args
 from tools.retro.preprocess_data import parse_args as parse_workdir_args
@@ -112,7 +114,7 @@ def test_every_flag_is_one_its_tool_accepts(commands):
         assert not unknown, f"{tool}: {sorted(unknown)}"
 
 
-def test_the_training_command_builds_a_model_of_the_cards_size(commands, tmp_path):
+def test_the_training_command_builds_a_model_of_the_cards_size_and_layout(commands, tmp_path):
     _, workdir = commands[2]
     _, train = commands[3]
     # The chunk length comes from the work dir's config.json, which step 3 would write.
@@ -142,6 +144,11 @@ def test_the_training_command_builds_a_model_of_the_cards_size(commands, tmp_pat
     flops, gpt_flops = retro.flops_per_token(cfg), gpt_flops_per_token(cfg.model)
     print(f"training FLOPs per token: RETRO {flops / 1e9:.2f} G, GPT of the same decoder {gpt_flops / 1e9:.2f} G")
     assert flops > gpt_flops > 0
+
+    # The layout the script's comments describe: FSDP over all 8 GPUs, 8 micro-batches a step.
+    shape = mesh_shape(cfg.parallel, 8)
+    assert shape == MeshShape(pp=1, dp_replicate=1, dp_shard=8, tp=1)
+    assert resolve_batch_sizes(cfg, shape.dp_replicate * shape.dp_shard) == 8
 
 
 def test_the_sbatch_runs_the_same_commands_under_srun(tmp_path):
