@@ -71,7 +71,7 @@ def run(cmd: list[str], done_marker: str | None = None, log: str | None = None):
     print(f"[quickstart] ({time.time() - start:.0f} s)", flush=True)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workspace", default=os.path.join(REPO, "runs", "quickstart"))
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
@@ -106,6 +106,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.max_files is None:
         args.max_files = 280 if args.input == "transformers" else 300
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     input_dir = corpus_dir(args.input)
 
     ws = os.path.abspath(args.workspace)

@@ -1,0 +1,34 @@
+"""examples/retro/quickstart.py's flags: the default corpus, the per-corpus file count and --preset."""
+
+import importlib.util
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_quickstart():
+    spec = importlib.util.spec_from_file_location("quickstart", os.path.join(REPO, "examples", "retro", "quickstart.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_default_corpus_is_transformers_model_files_and_the_stdlib_an_option():
+    qs = load_quickstart()
+    args = qs.parse_args([])
+    assert (args.input, args.max_files, args.train_iters, args.curve_interval) == ("transformers", 280, 800, 200)
+    import transformers
+    assert qs.corpus_dir("transformers") == os.path.join(os.path.dirname(transformers.__file__), "models")
+    assert os.path.isdir(qs.corpus_dir("transformers"))
+    stdlib = qs.parse_args(["--input", "stdlib"])
+    assert stdlib.max_files == 300 and qs.corpus_dir("stdlib") is None  # corpus_from_files's default
+    assert qs.corpus_dir("/some/dir") == "/some/dir"
+    assert qs.parse_args(["--max-files", "12"]).max_files == 12
+
+
+def test_the_long_preset_changes_the_schedule_unless_a_flag_says_otherwise():
+    qs = load_quickstart()
+    long = qs.parse_args(["--preset", "long"])
+    assert (long.train_iters, long.curve_interval, long.global_batch_size) == (1600, 400, 4)
+    explicit = qs.parse_args(["--train-iters", "10", "--preset", "long"])
+    assert (explicit.train_iters, explicit.curve_interval) == (10, 400)
