@@ -1,20 +1,11 @@
 """examples/retro/quickstart.py's flags: the default corpus, the per-corpus file count and --preset."""
 
-import importlib.util
 import os
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def load_quickstart():
-    spec = importlib.util.spec_from_file_location("quickstart", os.path.join(REPO, "examples", "retro", "quickstart.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from examples.retro import quickstart as qs
 
 
 def test_the_default_corpus_is_transformers_model_files_and_the_stdlib_an_option():
-    qs = load_quickstart()
     args = qs.parse_args([])
     assert (args.input, args.max_files, args.train_iters, args.curve_interval) == ("transformers", 280, 800, 200)
     import transformers
@@ -27,7 +18,6 @@ def test_the_default_corpus_is_transformers_model_files_and_the_stdlib_an_option
 
 
 def test_the_long_preset_changes_the_schedule_unless_a_flag_says_otherwise():
-    qs = load_quickstart()
     long = qs.parse_args(["--preset", "long"])
     assert (long.train_iters, long.curve_interval, long.global_batch_size) == (1600, 400, 4)
     explicit = qs.parse_args(["--train-iters", "10", "--preset", "long"])
