@@ -93,6 +93,9 @@ def add_retro_args(parser):
     g.add_argument("--retro-attention-gate", action="store_true",
                    help="learned per-chunk gate on each chunked cross-attention output, from the chunk's "
                         "bigram overlap with its neighbours (models/retro/gate.py)")
+    g.add_argument("--retro-attention-gate-logit-scale", type=float, default=RetroConfig.attention_gate_logit_scale,
+                   help="the per-chunk gate's logits are this times their parameters, so that the "
+                        "optimizer's ~lr steps move the gate across its range within a short run")
     g.add_argument("--retro-budget-loss-coeff", type=float, default=0.0,
                    help="adds C x the mean gate over chunks with a real neighbour to the loss "
                         "(needs --retro-attention-gate)")
@@ -120,7 +123,8 @@ def retro_config_from_args(args) -> dict:
         encoder_embedding_skip=args.retro_encoder_embedding_skip,
         cca_gate_init=args.retro_cca_gate_init,
         align_neighbors=args.retro_align_neighbors,
-        attention_gate=args.retro_attention_gate)
+        attention_gate=args.retro_attention_gate,
+        attention_gate_logit_scale=args.retro_attention_gate_logit_scale)
     return {"retro": RetroTrainingConfig(
         add_retriever=args.retro_add_retriever, work_dir=os.path.abspath(args.retro_work_dir), model=model,
         budget_loss_coeff=args.retro_budget_loss_coeff, no_retrieval_prob=args.retro_no_retrieval_prob,
@@ -164,8 +168,9 @@ def config_from_checkpoint(path: str, work_dir: str) -> Config:
     if saved_retro is None:
         raise ValueError(f"{path}: not a pretrain_retro.py checkpoint (its config has no retro section)")
     # Checkpoints from before aligned neighbours were trained on the DB's chunk boundaries, and
-    # those from before the encoder's embedding skip have none.
-    model = RetroConfig(**{"align_neighbors": False, "encoder_embedding_skip": False, **saved_retro.pop("model")})
+    # those from before the encoder's embedding skip have none, nor a scale on the gate's logits.
+    model = RetroConfig(**{"align_neighbors": False, "encoder_embedding_skip": False,
+                           "attention_gate_logit_scale": 1.0, **saved_retro.pop("model")})
     cfg.extra["retro"] = RetroTrainingConfig(**dict(saved_retro, model=model, work_dir=os.path.abspath(work_dir)))
     return cfg
 

@@ -351,17 +351,19 @@ def test_aligned_neighbours_are_what_evaluation_reads_and_old_checkpoints_stay_a
     assert not np.array_equal(item["neighbor_tokens"], db.get_tokens(ids[0, :, :k]))  # some neighbour moved
 
     # A checkpoint written before the fields existed was trained on unaligned neighbours, with
-    # the paper's encoder (no embedding skip).
+    # the paper's encoder (no embedding skip), and their gate read its logits unscaled.
     config_file = os.path.join(path, CONFIG_FILE)
     with open(config_file) as f:
         saved = json.load(f)
     assert saved["extra"]["retro"]["model"]["encoder_embedding_skip"]  # the default
-    del saved["extra"]["retro"]["model"]["align_neighbors"]
-    del saved["extra"]["retro"]["model"]["encoder_embedding_skip"]
+    assert saved["extra"]["retro"]["model"]["attention_gate_logit_scale"] == 10.0
+    for field in ("align_neighbors", "encoder_embedding_skip", "attention_gate_logit_scale"):
+        del saved["extra"]["retro"]["model"][field]
     with open(config_file, "w") as f:
         json.dump(saved, f)
     old = retro.config_from_checkpoint(path, str(workspace["work_dir"])).extra["retro"].model
     assert not old.align_neighbors and not old.encoder_embedding_skip
+    assert old.attention_gate_logit_scale == 1.0
 
 
 def test_evaluate_reports_the_gate_per_mode_and_per_overlap_bucket(workspace, tmp_path):

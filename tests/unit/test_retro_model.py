@@ -401,9 +401,9 @@ def test_the_gate_reads_each_chunks_bigram_overlap_with_its_real_neighbours():
     # logits differ; a chunk without a real neighbour gets exactly 0.
     model = build_retro(rcfg=retro_config(attention_gate=True))
     gate = model.layers["1"].gate
-    with torch.no_grad():
-        gate.logit_none.fill_(-2.0)
-        gate.logit_full.fill_(2.0)
+    with torch.no_grad():  # end logits -2 and 2, through the gate's scale
+        gate.logit_none.fill_(-2.0 / gate.logit_scale)
+        gate.logit_full.fill_(2.0 / gate.logit_scale)
     mask[0, 1] = False
     values = gate.chunk_values(neighbor_overlap(tokens, nb, mask, M), mask[:, :2])
     torch.testing.assert_close(values, torch.tensor([[torch.sigmoid(torch.tensor(2.0)).item(), 0.0]]))

@@ -41,6 +41,9 @@ class RetroConfig:
     # it continues, which a small model learns to use; it did not learn to find it by content.
     align_neighbors: bool = True
     attention_gate: bool = False  # learned per-chunk gate on each CCA output (adaptive retrieval)
+    # Its logits are this times their parameters, so that Adam's ~lr steps can open or close the
+    # gate within a short run (models/retro/gate.py).
+    attention_gate_logit_scale: float = 10.0
     # Refuse neighbour tensors whose k differs from num_neighbors; False lets evaluation vary k
     # (the paper evaluates with more neighbours than it trained with).
     verify_neighbor_count: bool = True

@@ -31,6 +31,12 @@ Per chunk, not per token: the neighbours, and so the evidence, come once per chu
 position reads them (incremental decoding computes the gate once per chunk), and the mean over
 chunks is the share of retrieved chunks let in, which is what the budget should price.
 
+Each end logit is LOGIT_SCALE (RetroConfig.attention_gate_logit_scale) times its parameter. Adam
+moves a parameter by about lr per step whatever its gradient's size, so a logit read as the bare
+parameter moved less than 1 in an 800-step run at lr 1e-3: the gate stayed near its start of 0.5
+everywhere, over random neighbours too (docs/experiments.md). The scale lets it cross the
+sigmoid's range within such a run.
+
 Both logits start at 0: every chunk starts half open. A chunk without a real neighbour gets
 exactly 0 (its CCA output is 0 anyway). The latest forward's values are kept, with their
 autograd graph, for the budget loss and the logs: `last_value` [b, w] for the w whole chunks
@@ -74,11 +80,12 @@ def neighbor_overlap(tokens: torch.Tensor, neighbor_tokens: torch.Tensor,
 
 
 class AttentionGate(nn.Module):
-    def __init__(self, chunk_length: int):
+    def __init__(self, chunk_length: int, logit_scale: float = 1.0):
         super().__init__()
         if chunk_length < 2:
             raise ValueError("--retro-attention-gate compares bigrams: it needs chunks of at least 2 tokens")
         self.chunk_length = chunk_length
+        self.logit_scale = logit_scale
         self.logit_none = nn.Parameter(torch.zeros(1))  # the logit at overlap 0
         self.logit_full = nn.Parameter(torch.zeros(1))  # and at overlap 1
         self.last_value: torch.Tensor | None = None
@@ -91,7 +98,7 @@ class AttentionGate(nn.Module):
     def chunk_values(self, overlap: torch.Tensor, neighbor_mask: torch.Tensor) -> torch.Tensor:
         """overlap [..., k] (neighbor_overlap), neighbor_mask bool [..., k] -> the gate [...]."""
         best = overlap.amax(dim=-1)
-        value = torch.sigmoid((1 - best) * self.logit_none + best * self.logit_full)
+        value = torch.sigmoid(self.logit_scale * ((1 - best) * self.logit_none + best * self.logit_full))
         return value * neighbor_mask.any(dim=-1).to(value.dtype)
 
     def forward(self, x: torch.Tensor, overlap: torch.Tensor, neighbor_mask: torch.Tensor | None) -> torch.Tensor:
