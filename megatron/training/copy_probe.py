@@ -19,7 +19,8 @@ about ln V otherwise):
 import math
 
 import torch
-import torch.nn.functional as F
+
+from megatron.training.loss import token_losses
 
 DEFAULT_OFFSETS = (0, 23)
 
@@ -27,7 +28,7 @@ DEFAULT_OFFSETS = (0, 23)
 def _lm_loss(model, text: torch.Tensor, neighbors=None, mask=None) -> torch.Tensor:
     tokens, labels = text[:, :-1], text[:, 1:]
     logits = model(tokens) if neighbors is None else model(tokens, neighbors, mask)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+    return token_losses(logits, labels)
 
 
 @torch.no_grad()

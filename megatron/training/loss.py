@@ -5,6 +5,16 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy in fp32, [b, s]: logits [b, s, V] (any float dtype, upcast so bf16
+    logits do not lose the softmax's precision), labels int64 [b, s]. Vocabulary-sharded DTensor
+    logits: as ``lm_loss``, inside ``loss_parallel()``; the losses come back as a plain tensor."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    if isinstance(losses, DTensor):  # per-token losses come back replicated over the TP ranks
+        losses = losses.to_local()
+    return losses.view(labels.shape)
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean token cross-entropy in fp32.
 
@@ -14,13 +24,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
     (and the backward) inside ``torch.distributed.tensor.parallel.loss_parallel()``, which
     computes the softmax across the shards without gathering [b, s, V].
     """
-    flat_logits = logits.float().flatten(0, 1)
-    flat_labels = labels.flatten()
     if loss_mask is None and not isinstance(logits, DTensor):
-        return F.cross_entropy(flat_logits, flat_labels)
-    losses = F.cross_entropy(flat_logits, flat_labels, reduction="none")
-    if isinstance(losses, DTensor):  # per-token losses come back replicated over the TP ranks
-        losses = losses.to_local()
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+    losses = token_losses(logits, labels).flatten()
     if loss_mask is None:
         return losses.mean()
     mask = loss_mask.flatten().to(losses.dtype)

@@ -53,7 +53,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megatron.data.loader import build_data_loader
 from megatron.parallel.parallelize import parallelize_fn
@@ -63,6 +62,7 @@ from megatron.training.checkpointing import find_checkpoint, load_checkpoint
 from megatron.training.config import Config, ParallelConfig
 from megatron.training.copy_probe import copy_probe
 from megatron.training.initialize import initialize_distributed
+from megatron.training.loss import token_losses
 from megatron.training.trainer import evaluate_dataset, sample_counts
 
 MODES = {"retrieval_on": "on", "retrieval_off": "off", "random_retrieval": "random"}
@@ -86,8 +86,7 @@ def evaluate_overlap_buckets(model, cfg: Config, num_samples: int, device) -> di
         nb, mask = batch["neighbor_tokens"].to(device), batch["neighbor_mask"].to(device)
         losses = {}
         for mode, mode_mask in (("off", torch.zeros_like(mask)), ("on", mask)):
-            logits = model(tokens, nb, mode_mask).float()
-            losses[mode] = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+            losses[mode] = token_losses(model(tokens, nb, mode_mask), labels)
         gates = retro._unwrap(model).chunk_gates()  # of the last forward, retrieval on
         real = mask.any(dim=-1)
         gates = real.float() if gates is None else gates[0]  # ungated: 1 wherever a neighbour is
