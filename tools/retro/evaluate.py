@@ -45,7 +45,6 @@ the gate opens where the neighbours hold the text. Bucket "0" holds overlap exac
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -55,10 +54,10 @@ import torch
 import torch.distributed as dist
 
 from megatron.data.loader import build_data_loader
+from megatron.inference.loading import checkpoint_config, load_weights
 from megatron.parallel.parallelize import parallelize_fn
 from megatron.retro.overlap import OVERLAP_BUCKETS, OVERLAP_NGRAM, bucket_of, chunk_overlaps
 from megatron.training import retro
-from megatron.training.checkpointing import find_checkpoint, load_checkpoint
 from megatron.training.config import Config, ParallelConfig
 from megatron.training.copy_probe import copy_probe
 from megatron.training.initialize import initialize_distributed
@@ -130,12 +129,7 @@ def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_ba
     layout (tensor / pipeline sizes; data parallel is the rest of the launched processes), which
     need not be the layout the checkpoint was trained under: DCP reshards on load. ``ckpt_step``:
     that iteration's checkpoint instead of the latest (learning curves)."""
-    found = find_checkpoint(load, ckpt_step)
-    if found is None:
-        raise ValueError(f"{load}: no complete checkpoint found")
-    step, path = found
-    cfg = retro.config_from_checkpoint(path, work_dir)
-    cfg.extra["retro"].fit_from = None  # the checkpoint holds every parameter
+    step, cfg = checkpoint_config(load, work_dir, ckpt_step)
     # Evaluation's own layout; recompute and compile only pay off in training.
     cfg.parallel = ParallelConfig(**(parallel or {}))
     cfg.training.recompute_granularity, cfg.training.use_torch_compile = None, False
@@ -146,7 +140,7 @@ def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_ba
     with torch.device(env.device):
         model = retro.model_provider(cfg)
     par = parallelize_fn(model, cfg, env)
-    load_checkpoint(load, par.model, step=step, load_rng=False, model_config=dataclasses.asdict(cfg.model))
+    load_weights(load, par.model, step, cfg)
     par.model.eval()
 
     gbs = cfg.training.global_batch_size
