@@ -1,29 +1,21 @@
-"""What the block-wise retro steps share: logging, the rank layout, and the test-only stop hook.
+"""What the block-wise retro steps share: logging and the test-only stop hook.
 
 Under torchrun (torch.distributed initialised) the embedding and query blocks are split across
 ranks, block b going to rank b % world_size; single-rank work (chunking, index training and
-adding, assembling neighbour files, verify) runs on rank 0 while the others wait at a barrier.
+adding, assembling neighbour files, verify) runs on rank 0 while the others wait at a barrier
+(rank and barrier: megatron/parallel/ranks.py).
 """
 
 import sys
 
 import torch.distributed as dist
 
+from megatron.parallel.ranks import is_distributed
+
 
 def log(message: str) -> None:
-    rank = f"[rank {dist.get_rank()}] " if dist.is_available() and dist.is_initialized() else ""
+    rank = f"[rank {dist.get_rank()}] " if is_distributed() else ""
     print(f"retro: {rank}{message}", file=sys.stderr, flush=True)
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 class StopAfterBlocks(Exception):

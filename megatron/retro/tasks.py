@@ -16,7 +16,8 @@ from megatron.data.builder import build_gpt_datasets
 from megatron.data.gpt_dataset import parse_split, split_document_ranges
 from megatron.data.indexed_dataset import IndexedDataset
 from megatron.data.tokenizers import build_tokenizer
-from megatron.retro.blocks import BlockBudget, barrier, log, rank_and_world_size
+from megatron.parallel.ranks import barrier, rank_and_world_size
+from megatron.retro.blocks import BlockBudget, log
 from megatron.retro.chunk_db import ChunkDB, build_chunk_db
 from megatron.retro.embedder import BertEmbedder, chunk_texts, embed_chunk_db, retriever_info
 from megatron.retro.index import add_to_index, choose_index_str, load_index, read_index_checked, train_index

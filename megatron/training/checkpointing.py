@@ -50,6 +50,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from megatron.parallel.ranks import barrier, is_distributed, rank_and_world_size
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "config.json"
 METADATA_FILE = ".metadata"
@@ -135,21 +137,6 @@ def find_checkpoint(root: str, step: int | None = None) -> tuple[int, str] | Non
         print(f"WARNING: {os.path.join(root, TRACKER_FILE)} names iteration {tracked}, whose checkpoint is "
               f"incomplete; loading the newest complete one, {complete[-1][1]}", flush=True)
     return complete[-1]
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _no_dist() -> bool:
-    return not (dist.is_available() and dist.is_initialized())
 
 
 @contextlib.contextmanager
@@ -241,7 +228,7 @@ def dcp_load(payload: dict, path: str):
     reader = _SafeReader(path, read_metadata(path))
     try:
         with _dcp_quiet():
-            dcp.load(payload, storage_reader=reader, planner=_WeightsOnlyPlanner(path), no_dist=_no_dist())
+            dcp.load(payload, storage_reader=reader, planner=_WeightsOnlyPlanner(path), no_dist=not is_distributed())
     except CheckpointException as e:  # raised on every rank when one failed: show the refusal itself
         for exc, _ in e.failures.values():
             if isinstance(exc, UntrustedCheckpointError):
@@ -286,17 +273,17 @@ def save_checkpoint(root: str, state: TrainState, model: torch.nn.Module, optimi
     config: the run's configuration (e.g. dataclasses.asdict(cfg)), written as config.json for
     people and for the architecture check on load.
     """
-    rank, _ = _rank_and_world()
+    rank, _ = rank_and_world_size()
     final = checkpoint_dir(root, state.iteration)
     # Every rank must write into the same temporary directory: rank 0's pid names it.
     owner = [os.getpid()]
-    if not _no_dist():
+    if is_distributed():
         dist.broadcast_object_list(owner, src=0)
     tmp = f"{final}.tmp-{owner[0]}"
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    barrier()
 
     model_sd, optim_sd = _model_and_optimizer_state(model, optimizer)
     payload = {"model": model_sd, "train_state": asdict(state), "rng": {f"rank_{rank}": rng_state()}}
@@ -305,11 +292,11 @@ def save_checkpoint(root: str, state: TrainState, model: torch.nn.Module, optimi
     if scheduler is not None:
         payload["scheduler"] = scheduler.state_dict()
     with _dcp_quiet():
-        dcp.save(payload, checkpoint_id=tmp, no_dist=_no_dist())
+        dcp.save(payload, checkpoint_id=tmp, no_dist=not is_distributed())
 
     if os.environ.get(KILL_DURING_SAVE_ENV) == str(state.iteration):
         os._exit(KILL_EXIT_CODE)
-    _barrier()
+    barrier()
 
     if rank == 0:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
@@ -323,7 +310,7 @@ def save_checkpoint(root: str, state: TrainState, model: torch.nn.Module, optimi
             os.replace(tmp, final)
         _atomic_write_text(os.path.join(root, TRACKER_FILE), f"{state.iteration}\n")
         _remove_stale(root, state.iteration, keep_last_n)
-    _barrier()
+    barrier()
     return final
 
 
@@ -410,7 +397,7 @@ def load_checkpoint(root: str, model: torch.nn.Module, optimizer=None, scheduler
             check_retriever(saved, add_retriever, path)
         if model_config is not None:
             check_model_config(saved.get("model", {}), model_config, path)
-    rank, world_size = _rank_and_world()
+    rank, world_size = rank_and_world_size()
     saved_keys = read_metadata(path).state_dict_metadata
 
     with_optim = load_optim and optimizer is not None
