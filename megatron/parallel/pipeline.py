@@ -57,6 +57,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
                                           ScheduleInterleaved1F1B)
 from torch.distributed.tensor import DTensor
 
+from megatron.models.gpt.model import is_tied as _is_tied
 from megatron.models.retro.model import RetroBlock, RetroModel
 from megatron.parallel.activation_checkpoint import apply_activation_checkpointing
 from megatron.parallel.compile import compile_blocks
@@ -138,10 +139,6 @@ def stage_layers(model: nn.Module, split: list[int]) -> list[list[str]]:
 
 
 # ----------------------------------------------------------------------------- stage modules
-
-def _is_tied(model: nn.Module) -> bool:
-    return model.output.weight is model.tok_embeddings.weight
-
 
 def _encoder_layer(model: nn.Module) -> str | None:
     for key, layer in model.layers.items():

@@ -63,6 +63,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from megatron.models.gpt.model import is_tied
 from megatron.models.retro.model import RetroBlock
 
 
@@ -262,11 +263,6 @@ def check_divisible(model: nn.Module, tp: int, sequence_parallel: bool):
             f"--sequence-parallel needs --seq-length {cfg.seq_length} divisible by "
             f"--tensor-model-parallel-size {tp}"
         )
-
-
-def is_tied(model: nn.Module) -> bool:
-    emb, head = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
-    return emb is not None and head is not None and head.weight is emb.weight
 
 
 def retie_output_head(model: nn.Module):

@@ -79,6 +79,13 @@ class GPTModel(nn.Module):
         return self.output(self.norm(h))
 
 
+def is_tied(model: nn.Module) -> bool:
+    """Whether the output head's weight is the token embedding's (the default; see
+    --untie-embeddings-and-output-weights). False where a pipeline stage lacks either."""
+    emb, head = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
+    return emb is not None and head is not None and head.weight is emb.weight
+
+
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters (a tied output head counts once)."""
     return sum(p.numel() for p in model.parameters())
