@@ -19,8 +19,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the subprocesses t
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _single_thread():
+    """Session-wide, so that module-scoped fixtures (reference runs, built corpora) run on one
+    thread too, not only the tests."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -245,7 +245,6 @@ def kind(request):
 
 @pytest.fixture(scope="module")
 def single(kind):
-    torch.set_num_threads(1)
     return reference(kind)
 
 
@@ -290,7 +289,6 @@ def trainer_run(tmp_path: Path, spec: dict, world_size: int) -> dict:
 
 @pytest.fixture(scope="module")
 def trainer_single():
-    torch.set_num_threads(1)
     result = run_trainer({})
     assert len(result["losses"]) == 5
     return result

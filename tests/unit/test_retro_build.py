@@ -45,15 +45,6 @@ def write_jsonl(path, texts):
             f.write(json.dumps({"text": text}) + "\n")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CPU is shared: BERT on two spinning threads is several times slower than on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Two tokenized datasets, a tokenizer trained on both, and the build arguments."""

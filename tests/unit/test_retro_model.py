@@ -19,15 +19,6 @@ K = 2  # neighbours per chunk
 R = 2 * M  # retrieved tokens per neighbour
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second OpenMP thread only spins and waits.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def model_config(**overrides):
     kw = dict(vocab_size=V, num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32)
     kw.update(overrides)

@@ -29,16 +29,6 @@ MODEL = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, seq_len
 TRAIN = TrainingConfig(lr=1e-2, lr_warmup_iters=2, train_iters=10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and on a shared machine a second one spins against
-    other processes and slows every step many times over."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _setup(seed=0):
     torch.manual_seed(seed)
     model = GPTModel(MODEL)

@@ -18,16 +18,6 @@ VOCAB = 64
 SEQ = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and on a shared machine a second one spins against
-    other processes and slows every step many times over."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class CountingDataset:
     """Sample i: tokens (7 * i + t) % VOCAB; learnable, and different for every sample."""
 
