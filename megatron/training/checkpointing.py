@@ -58,11 +58,6 @@ METADATA_FILE = ".metadata"
 _DIR_RE = re.compile(r"^iter_(\d{7})$")
 _TMP_RE = re.compile(r"^iter_\d{7}\.(tmp|old)-\d+$")
 
-# Test-only fault injection: when set to an iteration, the process saving that iteration exits
-# abruptly after DCP has written into the temporary directory and before it is renamed.
-KILL_DURING_SAVE_ENV = "MEGATRON_TEST_KILL_DURING_SAVE"
-KILL_EXIT_CODE = 86
-
 # Model fields that may change between a checkpoint and the run that loads it.
 _RESUMABLE_MODEL_FIELDS = {"hidden_dropout", "attention_dropout", "init_method_std"}
 # Fields that follow from others unless given (ffn_hidden_size from --hidden-size and --swiglu,
@@ -293,9 +288,6 @@ def save_checkpoint(root: str, state: TrainState, model: torch.nn.Module, optimi
         payload["scheduler"] = scheduler.state_dict()
     with _dcp_quiet():
         dcp.save(payload, checkpoint_id=tmp, no_dist=not is_distributed())
-
-    if os.environ.get(KILL_DURING_SAVE_ENV) == str(state.iteration):
-        os._exit(KILL_EXIT_CODE)
     barrier()
 
     if rank == 0:

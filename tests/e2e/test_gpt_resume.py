@@ -2,7 +2,7 @@
 
 Three runs of the same 40-iteration job (log interval 1, checkpoints at 20 and 40):
   A  uninterrupted;
-  B  killed while saving iteration 40 (test-only hook), so only iteration 20 is complete;
+  B  killed while saving iteration 40 (tests/kill_during_save.py), so only iteration 20 is complete;
   C  `--load` of B's directory: must resume from 20, ignore the half-written save and reproduce
      A's iterations 21-40 to the last printed digit, ending with weights bit-identical to A's.
 Dropout is on, so the resume is exact only if the RNG states come back too.
@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.training.checkpointing import KILL_DURING_SAVE_ENV, KILL_EXIT_CODE, TRACKER_FILE
+from kill_during_save import EXIT_CODE as KILL_EXIT_CODE
+from megatron.training.checkpointing import TRACKER_FILE
 from train_log import VALID_RE, iterations as _iterations
 from tools.corpus_from_files import write_corpus
 from tools.preprocess_data import preprocess
@@ -43,20 +44,22 @@ def _train_args(data: Path, *extra) -> list[str]:
     ]
 
 
-def _run(cmd: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     # One thread per process: these matrices are tiny, and on a busy machine two OpenMP threads
     # spin against other processes and run many times slower.
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _pretrain(data: Path, save: Path, *extra, env_extra=None) -> subprocess.CompletedProcess:
+def _pretrain(data: Path, save: Path, *extra, kill_at: int | None = None) -> subprocess.CompletedProcess:
+    """kill_at: the iteration whose save is killed once DCP has written it (tests/kill_during_save.py)."""
+    killer = [] if kill_at is None else [str(REPO / "tests" / "kill_during_save.py"), str(kill_at)]
     # Dropout makes every step draw from the RNG, so an exact resume needs the RNG state restored.
-    return _run([sys.executable, "pretrain_gpt.py",
+    return _run([sys.executable, *killer, "pretrain_gpt.py",
                  *_train_args(data, "--save", str(save), "--save-interval", "20", "--hidden-dropout", "0.1",
-                              "--attention-dropout", "0.1", *extra)], env_extra)
+                              "--attention-dropout", "0.1", *extra)])
 
 
 def _weights(checkpoint: Path, out: Path) -> dict:
@@ -84,7 +87,7 @@ def data(tmp_path_factory) -> Path:
 def runs(data):
     a = _pretrain(data, data / "A", "--tensorboard-dir", str(data / "tb"))
     assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
-    b = _pretrain(data, data / "B", env_extra={KILL_DURING_SAVE_ENV: "40"})
+    b = _pretrain(data, data / "B", kill_at=40)
     b_after_kill = sorted(os.listdir(data / "B"))
     c = _pretrain(data, data / "B", "--load", str(data / "B"))
     assert c.returncode == 0, c.stdout[-3000:] + c.stderr[-3000:]

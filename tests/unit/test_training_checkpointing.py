@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from kill_during_save import dying_save
 
 from megatron.models.gpt.model import GPTModel
 from megatron.training import checkpointing as ckpt
@@ -106,16 +107,15 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     class Killed(Exception):
         pass
 
-    def fake_exit(code):
-        raise Killed(code)
+    def die():
+        raise Killed
 
     model, opt, sched = _setup()
     root = str(tmp_path)
     _save(root, 1, model, opt, sched)
     expected = model.tok_embeddings.weight.detach().clone()
     _step(model, opt, sched)
-    monkeypatch.setattr(ckpt.os, "_exit", fake_exit)
-    monkeypatch.setenv(ckpt.KILL_DURING_SAVE_ENV, "2")
+    monkeypatch.setattr(ckpt.dcp, "save", dying_save(2, die))
     with pytest.raises(Killed):
         _save(root, 2, model, opt, sched)
     leftovers = sorted(os.listdir(root))
@@ -126,7 +126,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert load_checkpoint(root, model2, opt2, sched2).iteration == 1
     assert torch.equal(model2.tok_embeddings.weight, expected)
 
-    monkeypatch.delenv(ckpt.KILL_DURING_SAVE_ENV)
+    monkeypatch.undo()
     _save(root, 2, model2, opt2, sched2)  # a later successful save clears the debris
     assert sorted(os.listdir(root)) == ["iter_0000001", "iter_0000002", TRACKER_FILE]
 
