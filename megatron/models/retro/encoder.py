@@ -85,7 +85,9 @@ class RetroEncoder(nn.Module):
         sequence reaches that chunk's last token), so the padding changes no output."""
         b, l, k, r, _ = neighbors.shape
         m = self.chunk_length
-        chunk_states = F.pad(decoder_states, (0, 0, 0, l * m - decoder_states.shape[1]))
+        missing = l * m - decoder_states.shape[1]
+        # Only a partial chunk is padded: F.pad by nothing still copies, forward and backward.
+        chunk_states = F.pad(decoder_states, (0, 0, 0, missing)) if missing else decoder_states
         chunk_states = chunk_states.reshape(b * l, m, -1)
         x = neighbors if self.input_proj is None else self.input_proj(neighbors)
         x = embedded = x.reshape(b * l, k * r, -1)
