@@ -297,7 +297,8 @@ def main():
         check_size(size)
         cfg, rcfg, gpt, retro = build_models(size)
         batch = random_batch(size)
-        results = {name: profile_model(model, cfg, rcfg, batch, args) for name, model in (("GPT", gpt), ("RETRO", retro))}
+        results = {name: profile_model(model, cfg, rcfg, batch, args)
+                   for name, model in (("GPT", gpt), ("RETRO", retro))}
         if args.trace_dir:
             os.makedirs(args.trace_dir, exist_ok=True)
             for name, r in results.items():

@@ -586,7 +586,8 @@ def main():
               "attention outputs and MLPs (in neither FLOP count); an encoder output projection, a null "
               "key/value in CCA, and each chunk's keys/values in the encoder projected once per neighbour "
               "(all three in its count, retro_pytorch_flops_per_token); it masks per token (pad id 0), ours "
-              "per neighbour; it computes attention with explicit einsum/softmax, ours with scaled_dot_product_attention")
+              "per neighbour; it computes attention with explicit einsum/softmax, ours with "
+              "scaled_dot_product_attention")
     if dataset is not None:
         first = sizes[0]
         loader_sps = 1 / statistics.median(loader_times)
