@@ -30,7 +30,7 @@ from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel
 from megatron.retro.chunk_db import ChunkDB
 from megatron.retro.workdir import build_workdir_tokenizer, load_workdir_config
-from megatron.training.config import ModelConfig, pad_vocab_size
+from megatron.transformer.config import ModelConfig, pad_vocab_size
 
 
 def random_model(args, wd_cfg, tokenizer, device):

@@ -109,8 +109,9 @@ def worker(spec: dict, out_path: str):
     from megatron.parallel.mesh import build_device_mesh, data_parallel_rank_and_size
     from megatron.parallel.parallelize import parallelize_model
     from megatron.parallel.tensor_parallel import loss_parallel_context
-    from megatron.training.config import ModelConfig, ParallelConfig
+    from megatron.training.config import ParallelConfig
     from megatron.training.initialize import initialize_distributed
+    from megatron.transformer.config import ModelConfig
 
     parallel_cfg = ParallelConfig(**spec["parallel"])
     env = initialize_distributed(parallel_cfg)
@@ -190,7 +191,7 @@ def count_params(cfg: dict, retro: dict | None) -> tuple[int, int]:
     from megatron.models.gpt.model import GPTModel
     from megatron.models.retro.config import RetroConfig
     from megatron.models.retro.model import RetroModel
-    from megatron.training.config import ModelConfig
+    from megatron.transformer.config import ModelConfig
 
     with torch.device("meta"):
         model = RetroModel(ModelConfig(**cfg), RetroConfig(**retro)) if retro else GPTModel(ModelConfig(**cfg))

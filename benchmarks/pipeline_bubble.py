@@ -33,8 +33,9 @@ from megatron.models.retro.config import RetroConfig  # noqa: E402
 from megatron.models.retro.model import RetroModel  # noqa: E402
 from megatron.parallel.mesh import build_device_mesh  # noqa: E402
 from megatron.parallel.pipeline import PipelinedModel  # noqa: E402
-from megatron.training.config import ModelConfig, ParallelConfig  # noqa: E402
+from megatron.training.config import ParallelConfig  # noqa: E402
 from megatron.training.loss import lm_loss  # noqa: E402
+from megatron.transformer.config import ModelConfig  # noqa: E402
 
 PP = 2
 VOCAB = 256

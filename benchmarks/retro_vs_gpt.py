@@ -324,7 +324,7 @@ def loader_seconds_per_sample(dataset, micro_batch_size: int, max_batches: int, 
 def model_configs(size: Size):
     """Our ModelConfig and RetroConfig for `size` (retro-pytorch's layout, not our training defaults)."""
     from megatron.models.retro.config import RetroConfig
-    from megatron.training.config import ModelConfig
+    from megatron.transformer.config import ModelConfig
 
     cfg = ModelConfig(num_layers=size.num_layers, hidden_size=size.hidden_size, num_attention_heads=size.heads,
                       seq_length=size.seq_length, vocab_size=size.vocab_size, swiglu=False,

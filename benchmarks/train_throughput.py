@@ -14,9 +14,9 @@ import time
 import torch
 
 from megatron.models.gpt.model import GPTModel, count_parameters
-from megatron.training.config import ModelConfig
 from megatron.training.flops import gpt_flops_per_token, measure_matmul_peak_flops
 from megatron.training.loss import lm_loss
+from megatron.transformer.config import ModelConfig
 
 
 def bench(hidden: int, layers: int, seq: int, batch: int, vocab: int, steps: int, device, bf16: bool):

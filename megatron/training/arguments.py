@@ -18,10 +18,10 @@ from megatron.training.config import (
     Config,
     DataConfig,
     LoggingConfig,
-    ModelConfig,
     ParallelConfig,
     TrainingConfig,
 )
+from megatron.transformer.config import ModelConfig
 
 SECTIONS = {
     "model": ModelConfig,

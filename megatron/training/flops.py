@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from megatron.training.config import ModelConfig
+from megatron.transformer.config import ModelConfig
 
 
 def gpt_matmul_params(cfg: ModelConfig) -> int:

@@ -1,7 +1,8 @@
 """The run's tokenizer, and the padded vocabulary size the model is built with."""
 
 from megatron.data.tokenizers import build_tokenizer
-from megatron.training.config import Config, pad_vocab_size
+from megatron.training.config import Config
+from megatron.transformer.config import pad_vocab_size
 
 
 def build_run_tokenizer(cfg: Config):

@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from megatron.training.config import ModelConfig
 from megatron.transformer.attention import Attention
+from megatron.transformer.config import ModelConfig
 from megatron.transformer.mlp import MLP
 from megatron.transformer.norm import build_norm
 

@@ -27,8 +27,9 @@ from megatron.models.retro.model import RetroModel
 from megatron.parallel.mesh import build_device_mesh, data_parallel_rank_and_size
 from megatron.parallel.parallelize import parallelize_model
 from megatron.parallel.tensor_parallel import loss_parallel_context
-from megatron.training.config import ModelConfig, ParallelConfig
+from megatron.training.config import ParallelConfig
 from megatron.training.initialize import initialize_distributed
+from megatron.transformer.config import ModelConfig
 
 GLOBAL_BATCH = 4
 VOCAB = 128

@@ -34,8 +34,9 @@ from launcher import launch
 from megatron.models.gpt.model import GPTModel
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel
-from megatron.training.config import ModelConfig, ParallelConfig
+from megatron.training.config import ParallelConfig
 from megatron.training.loss import lm_loss
+from megatron.transformer.config import ModelConfig
 
 VOCAB, SEQ, GLOBAL_BATCH, MICRO = 128, 32, 8, 4
 STEPS = 3

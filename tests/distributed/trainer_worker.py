@@ -21,10 +21,10 @@ from torch.distributed.tensor import DTensor
 
 from megatron.models.gpt.model import GPTModel
 from megatron.parallel.parallelize import parallelize_fn
-from megatron.training.config import (CheckpointConfig, Config, LoggingConfig, ModelConfig, ParallelConfig,
-                                      TrainingConfig)
+from megatron.training.config import CheckpointConfig, Config, LoggingConfig, ParallelConfig, TrainingConfig
 from megatron.training.loss import lm_loss
 from megatron.training.trainer import LM_LOSS, pretrain
+from megatron.transformer.config import ModelConfig
 
 SEQ, VOCAB = 32, 128
 

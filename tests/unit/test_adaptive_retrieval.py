@@ -9,7 +9,8 @@ import torch
 
 from megatron.models.retro.config import RetroConfig
 from megatron.training import retro
-from megatron.training.config import Config, ModelConfig
+from megatron.training.config import Config
+from megatron.transformer.config import ModelConfig
 
 V, S, M, K = 64, 32, 4, 2
 L = S // M

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 from megatron.models.gpt.model import GPTModel
 from megatron.training.checkpointing import TrainState, save_checkpoint
-from megatron.training.config import Config, ModelConfig, TrainingConfig
+from megatron.training.config import Config, TrainingConfig
 from megatron.training.lr_schedule import LRScheduler
 from megatron.training.optimizer import build_optimizer
+from megatron.transformer.config import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

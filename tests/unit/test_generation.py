@@ -15,7 +15,7 @@ from megatron.inference.generation import SamplingConfig, generate, sample_token
 from megatron.models.gpt.model import GPTModel
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel
-from megatron.training.config import ModelConfig
+from megatron.transformer.config import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 V, M, K = 64, 4, 2

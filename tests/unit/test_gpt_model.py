@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from megatron.models.gpt.model import GPTModel, count_parameters
-from megatron.training.config import ModelConfig
+from megatron.transformer.config import ModelConfig
 
 
 def tiny_config(**overrides):

@@ -33,8 +33,9 @@ def training_dataset(workspace, work_dir, split: str, align: bool = True):
     """The split's RetroDataset as pretrain_retro.py builds it for the fixture's work dir."""
     from megatron.models.retro.config import RetroConfig
     from megatron.training import retro
-    from megatron.training.config import Config, DataConfig, ModelConfig, TrainingConfig
+    from megatron.training.config import Config, DataConfig, TrainingConfig
     from megatron.training.trainer import sample_counts
+    from megatron.transformer.config import ModelConfig
 
     cfg = Config(model=ModelConfig(seq_length=workspace["seq_length"]),
                  data=DataConfig(split="75,25,0", tokenizer_type="HuggingFaceTokenizer",

@@ -10,8 +10,8 @@ from megatron.models.gpt.model import GPTModel
 from megatron.models.retro.chunked_cross_attention import ChunkedCrossAttention
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel, retro_flops_per_token
-from megatron.training.config import ModelConfig
 from megatron.training.copy_probe import copy_probe
+from megatron.transformer.config import ModelConfig
 
 V = 64
 M = 4  # chunk length

@@ -6,7 +6,8 @@ from dataclasses import fields
 import pytest
 
 from megatron.training.arguments import SECTIONS, parse_args
-from megatron.training.config import ModelConfig, TrainingConfig
+from megatron.training.config import TrainingConfig
+from megatron.transformer.config import ModelConfig
 
 
 def test_flags_land_in_their_sections():

@@ -21,10 +21,11 @@ from megatron.training.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from megatron.training.config import ModelConfig, TrainingConfig
+from megatron.training.config import TrainingConfig
 from megatron.training.loss import lm_loss
 from megatron.training.lr_schedule import LRScheduler
 from megatron.training.optimizer import build_optimizer
+from megatron.transformer.config import ModelConfig
 
 MODEL = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=8, vocab_size=32)
 TRAIN = TrainingConfig(lr=1e-2, lr_warmup_iters=2, train_iters=10)

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.models.gpt.model import GPTModel
-from megatron.training.config import ModelConfig
 from megatron.training import flops
 from megatron.training.flops import (BestPeak, gpt_flops_per_token, gpt_matmul_params, measure_matmul_peak_flops,
                                       mfu_peak, nominal_peak_flops)
 from megatron.training.loss import lm_loss
+from megatron.transformer.config import ModelConfig
 
 
 def test_lm_loss_is_the_mean_token_cross_entropy_in_fp32():

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from megatron.models.gpt.model import GPTModel
-from megatron.training.config import ModelConfig, TrainingConfig
+from megatron.training.config import TrainingConfig
 from megatron.training.lr_schedule import LRScheduler, lr_at
 from megatron.training.optimizer import build_optimizer, param_groups
+from megatron.transformer.config import ModelConfig
 
 
 def _schedule(style, warmup=10, decay=100, max_lr=1.0, min_lr=0.1):

@@ -33,8 +33,9 @@ from megatron.data.indexed_dataset import IndexedDataset
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.gate import TanhGate
 from megatron.training import retro
-from megatron.training.config import Config, ModelConfig
+from megatron.training.config import Config
 from megatron.training.lr_schedule import lr_at
+from megatron.transformer.config import ModelConfig
 
 
 def parse_args(argv=None):

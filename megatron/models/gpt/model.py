@@ -8,8 +8,8 @@ import math
 import torch
 from torch import nn
 
-from megatron.training.config import ModelConfig
 from megatron.transformer.block import TransformerBlock
+from megatron.transformer.config import ModelConfig
 from megatron.transformer.norm import build_norm
 from megatron.transformer.rotary import rope_tables
 

@@ -7,7 +7,7 @@ ordinary ModelConfig.
 import dataclasses
 from dataclasses import dataclass
 
-from megatron.training.config import ModelConfig
+from megatron.transformer.config import ModelConfig
 
 ENCODER_CROSS_ATTENTION_MODES = ("first", "all")
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.training.config import ModelConfig
 from megatron.transformer.attention import Attention
+from megatron.transformer.config import ModelConfig
 from megatron.transformer.mlp import MLP
 from megatron.transformer.norm import build_norm
 from megatron.transformer.rotary import rope_tables

@@ -25,9 +25,9 @@ from megatron.models.retro.chunked_cross_attention import ChunkedCrossAttention
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.encoder import RetroEncoder
 from megatron.models.retro.gate import AttentionGate, TanhGate, neighbor_overlap
-from megatron.training.config import ModelConfig
 from megatron.training.flops import gpt_flops_per_token
 from megatron.transformer.block import TransformerBlock
+from megatron.transformer.config import ModelConfig
 from megatron.transformer.norm import build_norm
 
 # A RetroBlock's submodules that a TransformerBlock does not have.
