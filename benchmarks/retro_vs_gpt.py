@@ -11,7 +11,7 @@ Sizes (--sizes, both by default), measured side by side in the same rounds:
   4096, ffn 2048 (the GELU MLP's 4h).
 
 1. Step time (forward + backward + AdamW) of RetroModel vs GPTModel with the same decoder, and
-   each one's achieved FLOP/s: GPT by megatron.training.flops.gpt_flops_per_token, RETRO by
+   each one's achieved FLOP/s: GPT by megatron.models.gpt.flops.gpt_flops_per_token, RETRO by
    retro_flops_per_token (the GPT count plus the encoder over the k * r neighbour tokens of
    every chunk and the chunked cross-attention), beside the fp32 matmul peak measured in the
    same run. Aim: RETRO's FLOP/s >= 0.9 x the GPT's (retrieval costs no more than its arithmetic).
@@ -158,7 +158,7 @@ RETRO_PYTORCH_HEADS = 8
 def retro_pytorch_flops_per_token(size: Size) -> float:
     """Training FLOPs (forward + backward) per decoder token of retro-pytorch 0.3.9's RETRO
     (retro_pytorch/retro_pytorch.py) as peer_worker builds it, counted by the rules of ours
-    (megatron/training/flops.py): 6 x the matmul weights each token passes through, plus 12 x
+    (megatron/models/gpt/flops.py): 6 x the matmul weights each token passes through, plus 12 x
     the attention width per key for scores and weighted sum, full score matrices (its causal
     mask is a masked_fill on the full matrix).
 
@@ -405,9 +405,9 @@ class Contenders:
 
 
 def build_contenders(size: Size, peer_python: str | None, threads: int) -> Contenders:
+    from megatron.models.gpt.flops import gpt_flops_per_token
     from megatron.models.gpt.model import count_parameters
     from megatron.models.retro.model import retro_flops_per_token
-    from megatron.training.flops import gpt_flops_per_token
 
     cfg, rcfg, gpt, retro = build_models(size)
     batch = random_batch(size)

@@ -3,7 +3,7 @@
 Run: python benchmarks/train_throughput.py [--sizes 256 512 768] [--steps 6]
 
 For each size: forward + backward + AdamW step on random tokens (fp32 on CPU, bf16 autocast on
-CUDA with --bf16), tokens/s and achieved FLOP/s counted by megatron.training.flops
+CUDA with --bf16), tokens/s and achieved FLOP/s counted by megatron.models.gpt.flops
 (6 x matmul parameters + attention per token; see its docstring), printed beside the peak
 matmul FLOP/s measured in the same run, as a ratio. Not a test: numbers depend on the machine.
 """
@@ -13,8 +13,9 @@ import time
 
 import torch
 
+from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.models.gpt.model import GPTModel, count_parameters
-from megatron.training.flops import gpt_flops_per_token, measure_matmul_peak_flops
+from megatron.training.flops import measure_matmul_peak_flops
 from megatron.training.loss import lm_loss
 from megatron.transformer.config import ModelConfig
 

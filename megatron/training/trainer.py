@@ -34,9 +34,10 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.data.loader import build_data_loader
+from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron.training.config import Config
-from megatron.training.flops import BestPeak, FixedPeak, gpt_flops_per_token, mfu_peak
+from megatron.training.flops import BestPeak, FixedPeak, mfu_peak
 from megatron.training.initialize import DistEnv, initialize_distributed, pipeline_rank, set_random_seed
 from megatron.training.logging import Writers, build_writers, format_train_line, format_validation_line
 from megatron.training.lr_schedule import LRScheduler

@@ -20,12 +20,12 @@ Plain single-device PyTorch: parallelism is applied from outside (megatron/paral
 
 import torch
 
+from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.models.gpt.model import GPTModel
 from megatron.models.retro.chunked_cross_attention import ChunkedCrossAttention
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.encoder import RetroEncoder
 from megatron.models.retro.gate import AttentionGate, TanhGate, neighbor_overlap
-from megatron.training.flops import gpt_flops_per_token
 from megatron.transformer.block import TransformerBlock
 from megatron.transformer.config import ModelConfig
 from megatron.transformer.norm import build_norm
@@ -162,7 +162,7 @@ class RetroModel(GPTModel):
 def retro_flops_per_token(model_cfg: ModelConfig, retro_cfg: RetroConfig, seq_length: int | None = None) -> float:
     """Training FLOPs (forward + backward) per decoder token of a RetroModel, with retrieval on.
 
-    The GPT count (megatron/training/flops.py: 6 * N_matmul + 12 * L * s * h, full score matrix)
+    The GPT count (megatron/models/gpt/flops.py: 6 * N_matmul + 12 * L * s * h, full score matrix)
     plus, with h the decoder width, d the encoder width, f its FFN width, Le its layers of which
     Lc cross-attend, m the chunk length, k neighbours of r tokens, P retro layers, and
     c = ceil(s / m) / s chunks per token (n = c * k * r neighbour tokens per decoder token):
