@@ -14,10 +14,10 @@ import os
 import numpy as np
 
 from megatron.data.blended_dataset import BlendedDataset, parse_data_path
+from megatron.data.config import DataConfig
 from megatron.data.gpt_dataset import (GPTDataset, default_cache_dir, parse_split, save_atomically,
                                        split_document_ranges)
 from megatron.data.indexed_dataset import IndexedDataset, content_fingerprint
-from megatron.training.config import DataConfig
 
 SPLIT_NAMES = ("train", "valid", "test")
 

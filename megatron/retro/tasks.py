@@ -13,6 +13,7 @@ import numpy as np
 
 from megatron.data.blended_dataset import parse_data_path
 from megatron.data.builder import build_gpt_datasets
+from megatron.data.config import DataConfig
 from megatron.data.gpt_dataset import parse_split, split_document_ranges
 from megatron.data.indexed_dataset import IndexedDataset
 from megatron.data.tokenizers import build_tokenizer
@@ -26,7 +27,6 @@ from megatron.retro.verify import verify
 from megatron.retro.workdir import (CONFIG_NAME, FORMAT_VERSION, WorkDir, check_dataset_fingerprints,
                                     check_workdir_matches, dataset_fingerprints, load_workdir_config,
                                     normalize_data_path, remove_leftover_temp_files, write_json)
-from megatron.training.config import DataConfig
 
 TASKS = ("db-build", "index-train", "index-add", "query-neighbors", "verify")
 TASK_GROUPS = {"build": TASKS, "index-build": ("index-train", "index-add"),

@@ -13,10 +13,10 @@ their sections, stored in `Config.extra`.
 import argparse
 from dataclasses import MISSING, fields
 
+from megatron.data.config import DataConfig
 from megatron.training.config import (
     CheckpointConfig,
     Config,
-    DataConfig,
     LoggingConfig,
     ParallelConfig,
     TrainingConfig,

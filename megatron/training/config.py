@@ -2,25 +2,14 @@
 
 Each component is handed only its own section (TorchTitan's lesson: a monolithic config passed
 everywhere couples everything to everything). The sections of lower layers live beside them
-(ModelConfig: megatron/transformer/config.py); this module holds training's own sections and
-`Config`, their composition.
+(ModelConfig: megatron/transformer/config.py, DataConfig: megatron/data/config.py); this module
+holds training's own sections and `Config`, their composition.
 """
 
 from dataclasses import dataclass, field
 
+from megatron.data.config import DataConfig
 from megatron.transformer.config import ModelConfig
-
-
-@dataclass
-class DataConfig:
-    data_path: list[str] = field(default_factory=list)
-    split: str = "969,30,1"
-    data_cache_path: str | None = None
-    tokenizer_type: str | None = None
-    tokenizer_model: str | None = None
-    vocab_file: str | None = None
-    merge_file: str | None = None
-    num_workers: int = 0
 
 
 @dataclass

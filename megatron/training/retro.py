@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron.data.blended_dataset import parse_data_path
 from megatron.data.builder import SPLIT_NAMES, build_gpt_datasets, check_token_ids
+from megatron.data.config import DataConfig
 from megatron.data.retro_dataset import RetroDataset
 from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.models.gpt.model import GPTModel
@@ -38,7 +39,7 @@ from megatron.training.checkpointing import (
     read_metadata,
     saved_add_retriever,
 )
-from megatron.training.config import Config, DataConfig
+from megatron.training.config import Config
 from megatron.training.loss import lm_loss
 from megatron.training.tokenizer import build_run_tokenizer
 from megatron.training.trainer import LM_LOSS, sample_counts

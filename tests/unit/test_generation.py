@@ -232,10 +232,11 @@ def test_live_retrieval_finds_the_prompt_documents_own_chunks(workspace):
 
 @pytest.mark.slow
 def test_text_generation_tool_shows_neighbours_for_each_chunk(workspace, tmp_path):
+    from megatron.data.config import DataConfig
     from megatron.data.tokenizers import build_tokenizer
     from megatron.models.retro.config import RetroConfig as RC
     from megatron.training.checkpointing import TrainState, save_checkpoint
-    from megatron.training.config import Config, DataConfig
+    from megatron.training.config import Config
     from megatron.training.retro import RetroTrainingConfig
 
     tokenizer = build_tokenizer("HuggingFaceTokenizer", str(workspace["tokenizer"]))
@@ -267,8 +268,9 @@ def test_text_generation_tool_shows_neighbours_for_each_chunk(workspace, tmp_pat
 @pytest.mark.slow
 def workdir_retro_and_config(workspace, gate=False):
     """A tiny RETRO for the fixture's work dir and the run config a checkpoint of it records."""
+    from megatron.data.config import DataConfig
     from megatron.data.tokenizers import build_tokenizer
-    from megatron.training.config import Config, DataConfig, TrainingConfig
+    from megatron.training.config import Config, TrainingConfig
     from megatron.training.retro import RetroTrainingConfig
 
     tokenizer = build_tokenizer("HuggingFaceTokenizer", str(workspace["tokenizer"]))

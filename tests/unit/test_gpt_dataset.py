@@ -218,7 +218,7 @@ def test_blend_proportions(tmp_path):
 
 def test_build_gpt_datasets_single_and_blend(tmp_path):
     from megatron.data.builder import build_gpt_datasets
-    from megatron.training.config import DataConfig
+    from megatron.data.config import DataConfig
 
     prefix_a, _ = write_corpus(tmp_path, "a", random_lengths(40, seed=20))
     prefix_b, _ = write_corpus(tmp_path, "b", random_lengths(40, seed=21))

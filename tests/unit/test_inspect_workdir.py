@@ -31,9 +31,10 @@ def run_tool(capsys, work_dir, *args) -> tuple[int, str, str]:
 
 def training_dataset(workspace, work_dir, split: str, align: bool = True):
     """The split's RetroDataset as pretrain_retro.py builds it for the fixture's work dir."""
+    from megatron.data.config import DataConfig
     from megatron.models.retro.config import RetroConfig
     from megatron.training import retro
-    from megatron.training.config import Config, DataConfig, TrainingConfig
+    from megatron.training.config import Config, TrainingConfig
     from megatron.training.trainer import sample_counts
     from megatron.transformer.config import ModelConfig
 

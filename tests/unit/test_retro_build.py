@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from megatron.data.builder import build_gpt_datasets
+from megatron.data.config import DataConfig
 from megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron.data.tokenizers import build_tokenizer
 from megatron.retro.chunk_db import ChunkDB
@@ -23,7 +24,6 @@ from megatron.retro.embedder import iter_embedding_blocks
 from megatron.retro.index import add_to_index, load_index, sample_training_ids, train_index
 from megatron.retro.query import WIDEN_LIMIT
 from megatron.retro.workdir import WorkDir, check_workdir_matches, expected_for_training, load_workdir_config
-from megatron.training.config import DataConfig
 from tests.distributed.launcher import launch
 from tools.preprocess_data import preprocess
 from tools.retro.preprocess_data import STOPPED_EXIT_CODE, main
