@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from megatron.training.config import ParallelConfig
+from megatron.parallel.config import ParallelConfig
 
 MESH_DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "tp")
 

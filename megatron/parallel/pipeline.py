@@ -61,10 +61,11 @@ from megatron.models.gpt.model import is_tied as _is_tied
 from megatron.models.retro.model import RetroBlock, RetroModel
 from megatron.parallel.activation_checkpoint import apply_activation_checkpointing
 from megatron.parallel.compile import compile_blocks
+from megatron.parallel.config import ParallelConfig
 from megatron.parallel.data_parallel import data_parallel_mesh
 from megatron.parallel.mesh import ParallelMesh, build_device_mesh, data_parallel_rank_and_size
 from megatron.parallel.tensor_parallel import loss_parallel_context, parallelize_tensor_parallel
-from megatron.training.config import Config, ParallelConfig
+from megatron.training.config import Config
 from megatron.training.initialize import DistEnv
 from megatron.training.loss import lm_loss
 from megatron.training.trainer import LM_LOSS, Parallelized, resolve_batch_sizes

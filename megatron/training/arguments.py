@@ -14,11 +14,11 @@ import argparse
 from dataclasses import MISSING, fields
 
 from megatron.data.config import DataConfig
+from megatron.parallel.config import ParallelConfig
 from megatron.training.config import (
     CheckpointConfig,
     Config,
     LoggingConfig,
-    ParallelConfig,
     TrainingConfig,
 )
 from megatron.transformer.config import ModelConfig

@@ -2,13 +2,15 @@
 
 Each component is handed only its own section (TorchTitan's lesson: a monolithic config passed
 everywhere couples everything to everything). The sections of lower layers live beside them
-(ModelConfig: megatron/transformer/config.py, DataConfig: megatron/data/config.py); this module
-holds training's own sections and `Config`, their composition.
+(ModelConfig: megatron/transformer/config.py, DataConfig: megatron/data/config.py,
+ParallelConfig: megatron/parallel/config.py); this module holds training's own sections and
+`Config`, their composition.
 """
 
 from dataclasses import dataclass, field
 
 from megatron.data.config import DataConfig
+from megatron.parallel.config import ParallelConfig
 from megatron.transformer.config import ModelConfig
 
 
@@ -56,21 +58,6 @@ class CheckpointConfig:
     ckpt_step: int | None = None  # load this iteration instead of the latest one
     no_load_optim: bool = False
     no_load_rng: bool = False
-
-
-@dataclass
-class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
-    data_parallel_type: str = "ddp"  # ddp | fsdp
-    data_parallel_sharding_degree: int | None = None  # HSDP: shard within groups of this size
-    distributed_backend: str | None = None  # None: nccl on CUDA, gloo otherwise
-    distributed_timeout_minutes: int = 10
-    # Pipeline (megatron/parallel/pipeline.py). None: interleaved-1F1B with virtual stages, else 1F1B.
-    pipeline_schedule: str | None = None
-    num_layers_per_virtual_pipeline_stage: int | None = None
-    decoder_first_pipeline_num_layers: int | None = None  # None: stages balanced by FLOPs
 
 
 @dataclass

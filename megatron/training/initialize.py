@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.training.config import ParallelConfig
+from megatron.parallel.config import ParallelConfig
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,10 @@ from torch.distributed.tensor import DTensor
 from megatron.models.gpt.model import GPTModel
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel
+from megatron.parallel.config import ParallelConfig
 from megatron.parallel.mesh import build_device_mesh, data_parallel_rank_and_size
 from megatron.parallel.parallelize import parallelize_model
 from megatron.parallel.tensor_parallel import loss_parallel_context
-from megatron.training.config import ParallelConfig
 from megatron.training.initialize import initialize_distributed
 from megatron.transformer.config import ModelConfig
 

@@ -7,9 +7,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import parallel_worker
 from megatron.parallel.activation_checkpoint import apply_activation_checkpointing
+from megatron.parallel.config import ParallelConfig
 from megatron.parallel.mesh import MeshShape, mesh_shape
 from megatron.parallel.parallelize import parallelize_model
-from megatron.training.config import ParallelConfig
 
 aten = torch.ops.aten
 

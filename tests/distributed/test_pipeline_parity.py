@@ -34,7 +34,7 @@ from launcher import launch
 from megatron.models.gpt.model import GPTModel
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel
-from megatron.training.config import ParallelConfig
+from megatron.parallel.config import ParallelConfig
 from megatron.training.loss import lm_loss
 from megatron.transformer.config import ModelConfig
 

@@ -9,8 +9,8 @@ import pytest
 from megatron.models.gpt.model import GPTModel
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel
+from megatron.parallel.config import ParallelConfig
 from megatron.parallel.pipeline import balanced_split, layer_costs, pipeline_layout, stage_layers
-from megatron.training.config import ParallelConfig
 from megatron.transformer.config import ModelConfig
 
 CFG = dict(vocab_size=128, num_layers=8, hidden_size=64, num_attention_heads=4, seq_length=128)
