@@ -29,12 +29,12 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron.models.gpt.model import GPTModel  # noqa: E402
+from megatron.models.loss import lm_loss  # noqa: E402
 from megatron.models.retro.config import RetroConfig  # noqa: E402
 from megatron.models.retro.model import RetroModel  # noqa: E402
 from megatron.parallel.config import ParallelConfig  # noqa: E402
 from megatron.parallel.mesh import build_device_mesh  # noqa: E402
 from megatron.parallel.pipeline import PipelinedModel  # noqa: E402
-from megatron.training.loss import lm_loss  # noqa: E402
 from megatron.transformer.config import ModelConfig  # noqa: E402
 
 PP = 2

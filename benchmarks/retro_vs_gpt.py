@@ -381,7 +381,7 @@ def training_step(model, batch: dict):
     """A warmed-up step function: forward, LM loss, backward, AdamW (as the retro-pytorch worker's)."""
     import torch
 
-    from megatron.training.loss import lm_loss
+    from megatron.models.loss import lm_loss
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 

@@ -15,8 +15,8 @@ import torch
 
 from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.models.gpt.model import GPTModel, count_parameters
+from megatron.models.loss import lm_loss
 from megatron.training.flops import measure_matmul_peak_flops
-from megatron.training.loss import lm_loss
 from megatron.transformer.config import ModelConfig
 
 

@@ -57,7 +57,7 @@ def parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv, *, loss_parallel
     With tensor parallelism and ``loss_parallel`` (the default) the logits stay sharded on the
     vocabulary (no [b, s, V] gather): the returned ``loss_context`` makes the trainer run
     forward_step and backward under ``loss_parallel()``, and forward_step's loss must accept
-    DTensor logits (``megatron.training.loss.lm_loss`` does). ``loss_parallel=False`` gathers the
+    DTensor logits (``megatron.models.loss.lm_loss`` does). ``loss_parallel=False`` gathers the
     logits for a loss that does not.
     """
     if cfg.parallel.pipeline_model_parallel_size > 1:  # hook for megatron/parallel/pipeline.py

@@ -58,6 +58,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
 from torch.distributed.tensor import DTensor
 
 from megatron.models.gpt.model import is_tied as _is_tied
+from megatron.models.loss import LM_LOSS, lm_loss
 from megatron.models.retro.model import RetroBlock, RetroModel
 from megatron.parallel.activation_checkpoint import apply_activation_checkpointing
 from megatron.parallel.compile import compile_blocks
@@ -67,8 +68,7 @@ from megatron.parallel.mesh import ParallelMesh, build_device_mesh, data_paralle
 from megatron.parallel.tensor_parallel import loss_parallel_context, parallelize_tensor_parallel
 from megatron.training.config import Config
 from megatron.training.initialize import DistEnv
-from megatron.training.loss import lm_loss
-from megatron.training.trainer import LM_LOSS, Parallelized, resolve_batch_sizes
+from megatron.training.trainer import Parallelized, resolve_batch_sizes
 
 SCHEDULES = {"1F1B": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved-1F1B": ScheduleInterleaved1F1B}
 SHARED_EMBEDDING = "tok_embeddings.weight"

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from megatron.training.loss import token_losses
+from megatron.models.loss import token_losses
 
 DEFAULT_OFFSETS = (0, 23)
 

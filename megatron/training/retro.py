@@ -21,6 +21,7 @@ from megatron.data.config import DataConfig
 from megatron.data.retro_dataset import RetroDataset
 from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.models.gpt.model import GPTModel
+from megatron.models.loss import LM_LOSS, lm_loss
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel, retro_flops_per_token
 from megatron.retro.chunk_db import ChunkDB
@@ -40,9 +41,8 @@ from megatron.training.checkpointing import (
     saved_add_retriever,
 )
 from megatron.training.config import Config
-from megatron.training.loss import lm_loss
 from megatron.training.tokenizer import build_run_tokenizer
-from megatron.training.trainer import LM_LOSS, sample_counts
+from megatron.training.trainer import sample_counts
 
 BUDGET_LOSS = "budget loss"
 GATE_MEAN = "gate mean"

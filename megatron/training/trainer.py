@@ -35,6 +35,7 @@ from torch import nn
 
 from megatron.data.loader import build_data_loader
 from megatron.models.gpt.flops import gpt_flops_per_token
+from megatron.models.loss import LM_LOSS
 from megatron.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron.training.config import Config
 from megatron.training.flops import BestPeak, FixedPeak, mfu_peak
@@ -42,8 +43,6 @@ from megatron.training.initialize import DistEnv, initialize_distributed, pipeli
 from megatron.training.logging import Writers, build_writers, format_train_line, format_validation_line
 from megatron.training.lr_schedule import LRScheduler
 from megatron.training.optimizer import build_optimizer
-
-LM_LOSS = "lm loss"
 
 
 @dataclass

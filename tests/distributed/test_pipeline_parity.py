@@ -32,10 +32,10 @@ import trainer_worker
 from launcher import launch
 
 from megatron.models.gpt.model import GPTModel
+from megatron.models.loss import lm_loss
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel
 from megatron.parallel.config import ParallelConfig
-from megatron.training.loss import lm_loss
 from megatron.transformer.config import ModelConfig
 
 VOCAB, SEQ, GLOBAL_BATCH, MICRO = 128, 32, 8, 4
@@ -171,8 +171,9 @@ def run_trainer(spec: dict) -> dict:
     """pretrain() with megatron.parallel's parallelize_fn on trainer_worker's setup (a 2-layer
     GPT, micro-batch 1, global batch 4: 4 / dp micro-batches per iteration), logging every
     iteration so that every iteration's loss is compared."""
+    from megatron.models.loss import LM_LOSS
     from megatron.parallel.parallelize import parallelize_fn
-    from megatron.training.trainer import LM_LOSS, pretrain
+    from megatron.training.trainer import pretrain
 
     cfg = trainer_worker.config(spec)
     cfg.logging.log_interval = 1

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from megatron.models.loss import LM_LOSS, lm_loss
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel
 from megatron.training import retro
 from megatron.training.arguments import parse_args
 from megatron.training.checkpointing import load_checkpoint
-from megatron.training.loss import lm_loss
-from megatron.training.trainer import LM_LOSS, pretrain
+from megatron.training.trainer import pretrain
 
 VOCAB, SEQ, M, K = 64, 16, 4, 2
 RETRO_MODULES = {"encoder", "cca", "cca_gate", "cca_norm", "gate"}  # what RETRO adds to a decoder layer

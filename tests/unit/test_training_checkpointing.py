@@ -12,6 +12,7 @@ import torch
 from kill_during_save import dying_save
 
 from megatron.models.gpt.model import GPTModel
+from megatron.models.loss import lm_loss
 from megatron.training import checkpointing as ckpt
 from megatron.training.checkpointing import (
     TRACKER_FILE,
@@ -22,7 +23,6 @@ from megatron.training.checkpointing import (
     save_checkpoint,
 )
 from megatron.training.config import TrainingConfig
-from megatron.training.loss import lm_loss
 from megatron.training.lr_schedule import LRScheduler
 from megatron.training.optimizer import build_optimizer
 from megatron.transformer.config import ModelConfig

@@ -9,9 +9,9 @@ from torch import nn
 
 from megatron.models.gpt.flops import gpt_flops_per_token, gpt_matmul_params
 from megatron.models.gpt.model import GPTModel
+from megatron.models.loss import lm_loss
 from megatron.training import flops
 from megatron.training.flops import BestPeak, measure_matmul_peak_flops, mfu_peak, nominal_peak_flops
-from megatron.training.loss import lm_loss
 from megatron.transformer.config import ModelConfig
 
 

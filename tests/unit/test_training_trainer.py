@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from megatron.models.gpt.model import GPTModel
+from megatron.models.loss import LM_LOSS, lm_loss
 from megatron.training.arguments import parse_args
 from megatron.training.initialize import _launcher_env, initialize_distributed
-from megatron.training.loss import lm_loss
-from megatron.training.trainer import LM_LOSS, data_parallel, pretrain, sample_counts
+from megatron.training.trainer import data_parallel, pretrain, sample_counts
 
 VOCAB = 64
 SEQ = 16

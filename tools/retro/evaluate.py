@@ -55,6 +55,7 @@ import torch.distributed as dist
 
 from megatron.data.loader import build_data_loader
 from megatron.inference.loading import checkpoint_config, load_weights
+from megatron.models.loss import token_losses
 from megatron.parallel.config import ParallelConfig
 from megatron.parallel.parallelize import parallelize_fn
 from megatron.retro.overlap import OVERLAP_BUCKETS, OVERLAP_NGRAM, bucket_of, chunk_overlaps
@@ -62,7 +63,6 @@ from megatron.training import retro
 from megatron.training.config import Config
 from megatron.training.copy_probe import copy_probe
 from megatron.training.initialize import initialize_distributed
-from megatron.training.loss import token_losses
 from megatron.training.trainer import evaluate_dataset, sample_counts
 
 MODES = {"retrieval_on": "on", "retrieval_off": "off", "random_retrieval": "random"}

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+LM_LOSS = "lm loss"  # the metric lm_loss is logged as (Megatron's name), by the trainer and the pipeline
+
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy in fp32, [b, s]: logits [b, s, V] (any float dtype, upcast so bf16
