@@ -56,12 +56,12 @@ import megatron.models.retro.encoder
 import megatron.training.retro
 import megatron.training.trainer
 from megatron.models.retro.model import RetroModel
+from megatron.parallel.layout import DistEnv, Parallelized, resolve_batch_sizes
 from megatron.training.config import Config, TrainingConfig
-from megatron.training.initialize import DistEnv
 from megatron.training.lr_schedule import LRScheduler
 from megatron.training.optimizer import build_optimizer
 from megatron.training.retro import RetroTrainingConfig, make_forward_step
-from megatron.training.trainer import Parallelized, _Batches, _Interval, _Trainer, resolve_batch_sizes
+from megatron.training.trainer import _Batches, _Interval, _Trainer
 # benchmarks/retro_vs_gpt.py, beside this file (a script's directory is on sys.path).
 from retro_vs_gpt import add_size_args, build_models, check_size, random_batch, sizes_from_args, timed_steps
 

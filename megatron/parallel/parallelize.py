@@ -12,11 +12,10 @@ from megatron.parallel.activation_checkpoint import apply_activation_checkpointi
 from megatron.parallel.compile import compile_blocks
 from megatron.parallel.config import ParallelConfig
 from megatron.parallel.data_parallel import apply_data_parallel
+from megatron.parallel.layout import DistEnv, Parallelized
 from megatron.parallel.mesh import ParallelMesh, build_device_mesh, data_parallel_rank_and_size, mesh_shape
 from megatron.parallel.tensor_parallel import loss_parallel_context, parallelize_tensor_parallel
 from megatron.training.config import Config
-from megatron.training.initialize import DistEnv
-from megatron.training.trainer import Parallelized
 
 
 def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: ParallelMesh | None, *,

@@ -64,11 +64,10 @@ from megatron.parallel.activation_checkpoint import apply_activation_checkpointi
 from megatron.parallel.compile import compile_blocks
 from megatron.parallel.config import ParallelConfig
 from megatron.parallel.data_parallel import data_parallel_mesh
+from megatron.parallel.layout import DistEnv, Parallelized, resolve_batch_sizes
 from megatron.parallel.mesh import ParallelMesh, build_device_mesh, data_parallel_rank_and_size
 from megatron.parallel.tensor_parallel import loss_parallel_context, parallelize_tensor_parallel
 from megatron.training.config import Config
-from megatron.training.initialize import DistEnv
-from megatron.training.trainer import Parallelized, resolve_batch_sizes
 
 SCHEDULES = {"1F1B": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved-1F1B": ScheduleInterleaved1F1B}
 SHARED_EMBEDDING = "tok_embeddings.weight"

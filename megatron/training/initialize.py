@@ -8,7 +8,6 @@ and runs as one process without any process group.
 
 import os
 import random
-from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -16,24 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.parallel.config import ParallelConfig
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: str | None  # None when no process group was initialised
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.backend is not None
-
-    @property
-    def is_last_rank(self) -> bool:
-        # Megatron prints from the last rank: it is in the last pipeline stage, where losses live.
-        return self.rank == self.world_size - 1
+from megatron.parallel.layout import DistEnv
 
 
 def _launcher_env(environ) -> dict[str, int] | None:

@@ -26,8 +26,8 @@ position are all restored.
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, fields, is_dataclass
-from typing import Any, Callable
+from dataclasses import asdict, fields, is_dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -36,29 +36,14 @@ from torch import nn
 from megatron.data.loader import build_data_loader
 from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.models.loss import LM_LOSS
+from megatron.parallel.layout import DistEnv, Parallelized, resolve_batch_sizes
 from megatron.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron.training.config import Config
 from megatron.training.flops import BestPeak, FixedPeak, mfu_peak
-from megatron.training.initialize import DistEnv, initialize_distributed, pipeline_rank, set_random_seed
+from megatron.training.initialize import initialize_distributed, pipeline_rank, set_random_seed
 from megatron.training.logging import Writers, build_writers, format_train_line, format_validation_line
 from megatron.training.lr_schedule import LRScheduler
 from megatron.training.optimizer import build_optimizer
-
-
-@dataclass
-class Parallelized:
-    """The model as the loop drives it, and the data-parallel group it was spread over."""
-    model: nn.Module
-    dp_rank: int = 0
-    dp_size: int = 1
-    dp_group: Any = None  # process group over which metrics are averaged; None when dp_size is 1
-    # megatron.parallel.pipeline.PipelinedModel under --pipeline-model-parallel-size > 1: it runs
-    # the micro-batches through its schedule (LM loss on batch["text"], RETRO's gate budget)
-    # instead of forward_step.
-    pipeline: Any = None
-    # The context forward_step and its backward run in: loss_parallel() when the model returns
-    # vocabulary-sharded logits under tensor parallelism.
-    loss_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 def data_parallel(model: nn.Module, cfg: Config, env: DistEnv) -> Parallelized:
@@ -99,19 +84,6 @@ def _is_retro(cfg: Config) -> bool:
     has no retro section."""
     retro = cfg.extra.get("retro")
     return bool(retro is not None and retro.add_retriever)
-
-
-def resolve_batch_sizes(cfg: Config, dp_size: int) -> int:
-    """Fills in the global batch size; returns the number of micro-batches per iteration (and
-    rank). Idempotent: a pipelined parallelize_fn calls it too, to build its schedule."""
-    t = cfg.training
-    per_step = t.micro_batch_size * dp_size
-    if t.global_batch_size is None:
-        t.global_batch_size = per_step
-    if t.global_batch_size % per_step:
-        raise ValueError(f"--global-batch-size {t.global_batch_size} is not a multiple of --micro-batch-size "
-                         f"{t.micro_batch_size} x data-parallel size {dp_size}")
-    return t.global_batch_size // per_step
 
 
 class _Batches:

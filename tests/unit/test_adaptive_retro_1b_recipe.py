@@ -18,11 +18,11 @@ from torch.distributed.run import get_args_parser
 
 from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.models.gpt.model import count_parameters
+from megatron.parallel.layout import resolve_batch_sizes
 from megatron.parallel.mesh import MeshShape, mesh_shape
 from megatron.retro.workdir import FORMAT_VERSION, WorkDir
 from megatron.training import retro
 from megatron.training.arguments import build_parser, parse_args
-from megatron.training.trainer import resolve_batch_sizes
 from megatron.transformer.config import pad_vocab_size
 from tools.preprocess_data import parse_args as parse_preprocess_args
 from tools.retro.evaluate import parse_args as parse_evaluate_args
