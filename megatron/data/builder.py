@@ -86,6 +86,28 @@ def cached_max_token(prefix: str, cache_dir: str | None = None) -> int:
     return largest
 
 
+def sample_counts(train_samples: int | None, train_iters: int | None, global_batch_size: int | None,
+                  eval_interval: int, eval_iters: int) -> tuple[int, int, int]:
+    """(train, valid, test) sample counts, Megatron's rule: every training sample, one fresh
+    validation batch set per evaluation (plus the final one), one test batch set. Training and
+    retro preprocessing (which may give --train-samples instead of --train-iters) both count
+    with it, so that a work dir holds neighbours for exactly the samples a run reads."""
+    if train_samples is None:
+        if train_iters is None or global_batch_size is None:
+            raise ValueError("give --train-samples, or --train-iters and --global-batch-size, "
+                             "as the training run will")
+        train_samples = train_iters * global_batch_size
+    elif global_batch_size is not None:
+        train_iters = train_samples // global_batch_size
+    if eval_iters == 0:
+        return train_samples, 0, 0
+    if global_batch_size is None:
+        raise ValueError("--global-batch-size is needed to count the validation samples "
+                         "(or pass --eval-iters 0)")
+    valid = (train_iters // eval_interval + 1) * eval_iters * global_batch_size
+    return train_samples, valid, eval_iters * global_batch_size
+
+
 def build_gpt_datasets(data: DataConfig, seq_length: int, num_samples: tuple[int, int, int], seed: int):
     """(train, valid, test) datasets; each None when 0 samples are asked for or its split is empty."""
     weighted_prefixes = parse_data_path(data.data_path)

@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from megatron.data.blended_dataset import parse_data_path
-from megatron.data.builder import build_gpt_datasets
+from megatron.data.builder import build_gpt_datasets, sample_counts
 from megatron.data.config import DataConfig
 from megatron.data.gpt_dataset import parse_split, split_document_ranges
 from megatron.data.indexed_dataset import IndexedDataset
@@ -49,25 +49,6 @@ def parse_tasks(spec: str) -> list[str]:
     if not tasks:
         raise ValueError("--retro-tasks: no task given")
     return tasks
-
-
-def sample_counts(train_samples: int | None, train_iters: int | None, global_batch_size: int | None,
-                  eval_interval: int, eval_iters: int) -> tuple[int, int, int]:
-    """(train, valid, test) sample counts exactly as training computes them (Megatron's rule)."""
-    if train_samples is None:
-        if train_iters is None or global_batch_size is None:
-            raise ValueError("give --train-samples, or --train-iters and --global-batch-size, "
-                             "as the training run will")
-        train_samples = train_iters * global_batch_size
-    elif global_batch_size is not None:
-        train_iters = train_samples // global_batch_size
-    if eval_iters == 0:
-        return train_samples, 0, 0
-    if global_batch_size is None:
-        raise ValueError("--global-batch-size is needed to count the validation samples "
-                         "(or pass --eval-iters 0)")
-    valid = (train_iters // eval_interval + 1) * eval_iters * global_batch_size
-    return train_samples, valid, eval_iters * global_batch_size
 
 
 def _dataset_entry(prefix: str, document_range: tuple[int, int] | None = None) -> dict:

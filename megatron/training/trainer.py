@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron.data import builder
 from megatron.data.loader import build_data_loader
 from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.models.loss import LM_LOSS
@@ -68,15 +69,10 @@ def data_parallel(model: nn.Module, cfg: Config, env: DistEnv) -> Parallelized:
 
 
 def sample_counts(cfg: Config) -> tuple[int, int, int]:
-    """Megatron's dataset sizes: every training sample, one fresh validation batch set per
-    evaluation (plus the final one), one test batch set."""
+    """This run's (train, valid, test) dataset sizes by Megatron's rule, which preprocessing
+    follows too (`megatron.data.builder.sample_counts`)."""
     t = cfg.training
-    gbs = t.global_batch_size
-    train = t.train_iters * gbs
-    evals = t.train_iters // t.eval_interval + 1
-    valid = evals * t.eval_iters * gbs
-    test = t.eval_iters * gbs
-    return train, valid, test
+    return builder.sample_counts(None, t.train_iters, t.global_batch_size, t.eval_interval, t.eval_iters)
 
 
 def _is_retro(cfg: Config) -> bool:
