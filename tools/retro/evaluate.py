@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from megatron.data.loader import build_data_loader
 from megatron.inference.loading import checkpoint_config, load_weights
-from megatron.models.loss import token_losses
+from megatron.models.loss import LM_LOSS, token_losses
 from megatron.parallel.config import ParallelConfig
 from megatron.parallel.parallelize import parallelize_fn
 from megatron.retro.overlap import OVERLAP_BUCKETS, OVERLAP_NGRAM, bucket_of, chunk_overlaps
@@ -118,7 +118,7 @@ def evaluate_mode(cfg: Config, env, par, mode: str, num_iters: int) -> dict:
     if valid is None:
         raise ValueError(f"--split {cfg.data.split} leaves no validation documents")
     metrics = evaluate_dataset(cfg, env, par, retro.make_forward_step(cfg), valid, num_iters)
-    lm = metrics[retro.LM_LOSS]
+    lm = metrics[LM_LOSS]
     return {"loss": lm + metrics.get(retro.BUDGET_LOSS, 0.0), "lm_loss": lm, "ppl": math.exp(min(lm, 50.0)),
             "gate_mean": metrics.get(retro.GATE_MEAN, 1.0)}
 
