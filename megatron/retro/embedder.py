@@ -5,13 +5,20 @@ WordPiece tokens truncated to max_length (CLS and SEP included); the embedding i
 the last hidden states over the real tokens only (not CLS, SEP or padding), L2-normalised. A
 text with no WordPiece token gets the zero vector: such chunks are invalid in the chunk DB.
 
+Precision (--retro-bert-precision, recorded in the work dir): fp32 by default; bf16 runs the
+forward under bfloat16 autocast (the pooling stays fp32); int8 runs every Linear layer as torch's
+dynamic int8 quantisation on the CPU. Both move the embeddings (benchmarks/retro_preprocess.py
+measures by how much, and the neighbours' recall against fp32 exact search); fp32 is unchanged.
+
 Any local Hugging Face BERT-like directory works; its width comes from its config. The DB's
 embeddings are written as float16 blocks of block_size chunks, each under a temporary name then
 renamed, so a restarted run keeps every finished block and redoes a missing or corrupt one.
 """
 
+import contextlib
 import hashlib
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -22,6 +29,7 @@ from megatron.retro.workdir import WorkDir, save_npy
 
 # Stored embeddings are unit vectors rounded to float16: norms stay well within this of 1.
 NORM_TOLERANCE = 1e-2
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def _check_model_dir(model_dir: str) -> None:
@@ -58,17 +66,59 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+class DynamicInt8Linear(torch.nn.Module):
+    """A Linear run as torch.ops.quantized.linear_dynamic: the weight quantised once to int8,
+    symmetric per output channel; each input tensor quantised on the fly with one scale for the
+    whole tensor (so a text's embedding depends a little on the other texts and the padding of
+    its batch), with reduce_range (7-bit activations: torch's default, exact on CPUs without
+    VNNI too). The same computation as torch.ao.quantization.quantize_dynamic with
+    per_channel_dynamic_qconfig, whose scales (max |w| / 127.5, at least float32 eps) it
+    copies, without that Python API. torch 2.13 deprecates both it and quantized tensors in
+    favour of torchao (not a dependency here); the ops still run. CPU only."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scales = (weight.abs().amax(dim=1) / 127.5).clamp(min=torch.finfo(torch.float32).eps).double()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+            qweight = torch.quantize_per_channel(weight, scales, torch.zeros(len(scales), dtype=torch.long),
+                                                 0, torch.qint8)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.out_features = linear.out_features
+        self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self._packed, True)
+
+
+def quantize_linears_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every nn.Linear of `model` (in place) by a DynamicInt8Linear; returns model."""
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.Linear):
+            setattr(model, name, DynamicInt8Linear(child))
+        else:
+            quantize_linears_int8(child)
+    return model
+
+
 class BertEmbedder:
-    """Embeds texts with a local BERT in fp32 under no_grad. The model loads on first use, so
+    """Embeds texts with a local BERT under no_grad, at `precision` (PRECISIONS; int8 always on
+    the CPU: torch's quantised Linear runs nowhere else). The model loads on first use, so
     counting tokens (what the chunk DB needs) costs only the tokenizer."""
 
-    def __init__(self, model_dir: str, max_length: int, batch_size: int, device=None):
+    def __init__(self, model_dir: str, max_length: int, batch_size: int, device=None, precision: str = "fp32"):
         _check_model_dir(model_dir)
         from transformers import AutoTokenizer
 
+        if precision not in PRECISIONS:
+            raise ValueError(f"retriever precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         self.model_dir = model_dir
         self.max_length = max_length
         self.batch_size = batch_size
+        self.precision = precision
+        if precision == "int8":
+            device = "cpu"
         self.device = torch.device(device) if device is not None else default_device()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self._model = None
@@ -83,7 +133,8 @@ class BertEmbedder:
             if limit is not None and self.max_length > limit:
                 raise ValueError(f"{self.model_dir}: --retro-bert-max-chunk-length {self.max_length} "
                                  f"exceeds the model's {limit} positions")
-            self._model = model.float().to(self.device).eval()
+            model = model.float().to(self.device).eval()
+            self._model = quantize_linears_int8(model) if self.precision == "int8" else model
         return self._model
 
     @property
@@ -94,6 +145,11 @@ class BertEmbedder:
         """WordPiece tokens of each text, special tokens not counted."""
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return np.array([len(ids) for ids in encoded], dtype=np.int64)
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def embed(self, texts: list[str], progress=None) -> np.ndarray:
         """float32 [n, D] unit vectors; zero rows for texts without WordPiece tokens."""
@@ -118,8 +174,10 @@ class BertEmbedder:
                 attention[row, :n] = 1
                 real[row, :n] = np.asarray(encoded["special_tokens_mask"][i]) == 0
             with torch.no_grad():
-                hidden = model(input_ids=torch.from_numpy(ids).to(self.device),
-                               attention_mask=torch.from_numpy(attention).to(self.device)).last_hidden_state
+                with self._autocast():
+                    hidden = model(input_ids=torch.from_numpy(ids).to(self.device),
+                                   attention_mask=torch.from_numpy(attention).to(self.device)).last_hidden_state
+                hidden = hidden.float()  # a no-op in fp32 and int8
                 mask = torch.from_numpy(real).to(self.device).unsqueeze(-1).to(hidden.dtype)
                 counts = mask.sum(dim=1)
                 mean = (hidden * mask).sum(dim=1) / counts.clamp(min=1)
