@@ -47,7 +47,9 @@ class LiveRetriever:
             if retriever_info(model_dir)["fingerprint"] != cfg["retriever_fingerprint"]:
                 raise ValueError(f"{model_dir}: the retriever model changed since the work dir {work_dir} "
                                  f"was embedded with it (retriever_fingerprint differs)")
-            self.embedder = BertEmbedder(model_dir, cfg["bert_max_chunk_length"], embed_batch_size, device)
+            # Queries embedded as the work dir's chunks were (older work dirs: fp32).
+            self.embedder = BertEmbedder(model_dir, cfg["bert_max_chunk_length"], embed_batch_size, device,
+                                         precision=cfg.get("bert_precision", "fp32"))
             self.index = load_index(work_dir, self.db.num_chunks, cfg["embedding_dim"], cfg["nprobe"],
                                     cfg["ef_search"])
             self.num_candidates = max(num_neighbors, min(cfg["num_neighbors_query"], self.index.ntotal))

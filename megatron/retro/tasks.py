@@ -36,6 +36,8 @@ SPLITS_WITH_NEIGHBORS = ("train", "valid")
 # fingerprints are checked apart, naming the changed dataset's files.)
 UNCHECKED_FIELDS = ("format_version", "library_version", "tokenizer", "retriever_model", "index_str",
                     "dataset_fingerprints")
+# Fields added after FORMAT_VERSION 1, with the value a work dir that lacks one was built with.
+FIELD_DEFAULTS = {"bert_precision": "fp32"}
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -114,6 +116,7 @@ def describe_build(args, tokenizer) -> dict:
         "retriever_fingerprint": retriever["fingerprint"],
         "embedding_dim": retriever["embedding_dim"],
         "bert_max_chunk_length": args.retro_bert_max_chunk_length,
+        "bert_precision": args.retro_bert_precision,
         "block_size": args.retro_block_size,
         "index_str": args.retro_index_str,
         "index_ntrain": args.retro_index_ntrain,
@@ -138,7 +141,8 @@ def prepare_workdir(work_dir: str, expected: dict) -> dict:
         log(f"created work dir {wd.root}")
         return expected
     cfg = load_workdir_config(work_dir)
-    check_workdir_matches(cfg, **{k: v for k, v in expected.items() if k not in UNCHECKED_FIELDS})
+    check_workdir_matches({**FIELD_DEFAULTS, **cfg},
+                          **{k: v for k, v in expected.items() if k not in UNCHECKED_FIELDS})
     check_dataset_fingerprints(cfg, expected["dataset_fingerprints"])
     wanted = expected["index_str"]
     recorded = cfg.get("chosen_index_str") or cfg.get("index_str")
@@ -177,7 +181,7 @@ class TaskRunner:
         if self.rank != 0:
             prepare_workdir(self.wd.root, expected)
         self.embedder = BertEmbedder(args.retro_bert_model, args.retro_bert_max_chunk_length,
-                                     args.retro_bert_batch_size)
+                                     args.retro_bert_batch_size, precision=args.retro_bert_precision)
 
     @property
     def cfg(self) -> dict:

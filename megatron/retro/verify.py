@@ -20,6 +20,12 @@ from megatron.retro.workdir import WorkDir, write_json
 
 MIN_COSINE = 0.999  # recomputed vs stored embedding (float16 rounding costs ~1e-6)
 MIN_NEIGHBOR_AGREEMENT = 0.95  # recomputed vs stored neighbour slots (float noise may swap ties)
+# int8 quantises each batch's activations with one scale, so a chunk recomputed in another batch
+# gets another embedding: benchmarks/retro_preprocess.py measured min cosine 0.937 and 68.6% of
+# filtered neighbours kept on the quickstart's work dir (bf16: 0.99998 and 99.9%, within the
+# defaults). These bounds still catch a wrong model or precision (cosine ~0.3-0.9, ~0% kept).
+INT8_MIN_COSINE = 0.9
+INT8_MIN_NEIGHBOR_AGREEMENT = 0.5
 SCORE_TOLERANCE = 1e-4
 
 
@@ -38,6 +44,9 @@ def verify(work_dir: str, db, embedder, gpt_tokenizer, searcher, index, datasets
     wd = WorkDir(work_dir)
     rng = np.random.default_rng(seed)
     report = {"failures": []}
+    int8 = getattr(embedder, "precision", "fp32") == "int8"
+    min_cosine = INT8_MIN_COSINE if int8 else MIN_COSINE
+    min_agreement = INT8_MIN_NEIGHBOR_AGREEMENT if int8 else MIN_NEIGHBOR_AGREEMENT
 
     ids = np.unique(db.random_valid_ids(num_checks, rng))
     stored = read_embeddings(work_dir, db, dim, block_size, ids)
@@ -45,9 +54,9 @@ def verify(work_dir: str, db, embedder, gpt_tokenizer, searcher, index, datasets
     cosine = (stored * fresh).sum(axis=1) / np.linalg.norm(stored, axis=1)
     report["embeddings"] = {"chunks": len(ids), "min_cosine": float(cosine.min()),
                             "max_abs_diff": float(np.abs(stored - fresh).max())}
-    if cosine.min() < MIN_COSINE:
+    if cosine.min() < min_cosine:
         report["failures"].append(f"recomputed embeddings differ from the stored ones "
-                                  f"(min cosine {cosine.min():.5f} < {MIN_COSINE})")
+                                  f"(min cosine {cosine.min():.5f} < {min_cosine})")
 
     queries_for_recall = []
     for split, dataset in datasets.items():
@@ -72,7 +81,7 @@ def verify(work_dir: str, db, embedder, gpt_tokenizer, searcher, index, datasets
         report[split] = {"samples_checked": len(samples), "chunks_checked": len(queries),
                          "neighbor_agreement": agreement,
                          "same_document_neighbors": int(same_document.sum())}
-        if agreement < MIN_NEIGHBOR_AGREEMENT:
+        if agreement < min_agreement:
             report["failures"].append(f"{split}: recomputed neighbours agree with the stored ones "
                                       f"in only {agreement:.1%} of slots")
         if same_document.any():

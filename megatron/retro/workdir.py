@@ -144,6 +144,7 @@ _FIELD_FLAGS = {
     "db_datasets": "--retro-db-data-path, or --data-path and --split",
     "retriever_fingerprint": "--retro-bert-model", "embedding_dim": "--retro-bert-model",
     "bert_max_chunk_length": "--retro-bert-max-chunk-length", "block_size": "--retro-block-size",
+    "bert_precision": "--retro-bert-precision",
     "index_ntrain": "--retro-index-ntrain", "num_neighbors_query": "--retro-query-num-neighbors-query",
     "num_neighbors_save": "--retro-query-num-neighbors-save", "nprobe": "--retro-query-nprobe",
     "ef_search": "--retro-query-ef-search",

@@ -20,10 +20,12 @@ from megatron.data.config import DataConfig
 from megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron.data.tokenizers import build_tokenizer
 from megatron.retro.chunk_db import ChunkDB
-from megatron.retro.embedder import iter_embedding_blocks
+from megatron.retro.embedder import BertEmbedder, iter_embedding_blocks
 from megatron.retro.index import add_to_index, load_index, sample_training_ids, train_index
 from megatron.retro.query import WIDEN_LIMIT
-from megatron.retro.workdir import WorkDir, check_workdir_matches, expected_for_training, load_workdir_config
+from megatron.retro.tasks import prepare_workdir
+from megatron.retro.workdir import (WorkDir, check_workdir_matches, expected_for_training, load_workdir_config,
+                                    write_json)
 from tests.distributed.launcher import launch
 from tools.preprocess_data import preprocess
 from tools.retro.preprocess_data import STOPPED_EXIT_CODE, main
@@ -368,3 +370,38 @@ def test_ivf_index_trained_on_a_random_sample_finds_what_flat_finds(work_dir, tm
         train_index(str(wd), db, dim, block, "IVF1024,Flat", None, seed=1)
     with pytest.raises(ValueError, match="--retro-index-str 'NoSuchIndex'"):
         train_index(str(wd), db, dim, block, "NoSuchIndex", None, seed=1)
+
+
+def test_precision_is_recorded_and_another_refused(work_dir, corpus, tmp_path, capfd):
+    cfg = load_workdir_config(work_dir)
+    assert cfg["bert_precision"] == "fp32"
+    err = run_failing(capfd, work_dir, corpus["argv"], "--retro-tasks", "verify", "--retro-bert-precision", "int8")
+    assert ("does not match --retro-bert-precision: bert_precision is 'fp32' in the work dir but 'int8' "
+            "here") in err
+    # A work dir from before the field was recorded was embedded in fp32.
+    old = tmp_path / "old"
+    old.mkdir()
+    write_json(str(old / "config.json"), {k: v for k, v in cfg.items() if k != "bert_precision"})
+    prepare_workdir(str(old), cfg)
+    with pytest.raises(ValueError, match="bert_precision is 'fp32' in the work dir but 'bf16' here"):
+        prepare_workdir(str(old), dict(cfg, bert_precision="bf16"))
+
+
+def test_int8_work_dir_embeds_in_int8_verifies_and_refuses_fp32(work_dir, corpus, tmp_path, capfd):
+    wd = tmp_path / "wd"
+    assert build(wd, corpus["argv"], "--retro-bert-precision", "int8") == 0
+    cfg = load_workdir_config(wd)
+    assert cfg["bert_precision"] == "int8"
+    assert json.loads((wd / "verify.json").read_text())["failures"] == []
+    db = ChunkDB(str(wd))
+    first = BLOCK  # block 1 is embedded as one call of the embedder: the same batches here
+    texts = [text_of(corpus["tokenizer"], t) for t in db.get_chunk_tokens(np.arange(first, 2 * BLOCK))]
+    expected = BertEmbedder(BERT, BERT_LENGTH, 32, precision="int8").embed(texts).astype(np.float16)
+    np.testing.assert_array_equal(np.load(wd / "embeddings" / "block_000001.npy"), expected)
+    fp32 = all_embeddings(work_dir, db)
+    int8 = all_embeddings(wd, db)
+    valid = np.asarray(db.valid)
+    cosine = (fp32[valid] * int8[valid]).sum(axis=1)
+    assert cosine.min() > 0.85 and np.abs(fp32 - int8).max() > 1e-2
+    err = run_failing(capfd, wd, corpus["argv"], "--retro-tasks", "verify")
+    assert "does not match --retro-bert-precision: bert_precision is 'int8' in the work dir but 'fp32'" in err

