@@ -1,6 +1,7 @@
 """Retro preprocessing throughput on a stdlib work dir.
 
 Run: python benchmarks/retro_preprocess.py [--max-files 40 | --all] [--threads N] [--out /tmp/retro_bench]
+     python benchmarks/retro_preprocess.py --compare-only WD [--precisions bf16 int8] [--threads N]
 
 Builds a corpus from this Python's stdlib (*.py, in path order, the first --max-files files or
 --all of them), a tokenizer and an indexed dataset, then times each task of
@@ -10,7 +11,15 @@ tools/retro/preprocess_data.py (chunk length 64, seq length 256), and reports:
   pipeline's overhead;
 - index add rate (chunks/s) and search rate (queries/s at k' neighbours) of the index the build
   chose, and the whole query step's rate (sample chunks/s, embedding included);
-- the wall time of the whole build, task by task.
+- the wall time of the whole build, task by task;
+- the retriever's precisions (--retro-bert-precision) against fp32: chunks/s, timed interleaved
+  (fp32, bf16, int8, fp32, ...: load from other processes hits all alike), the cosine of their
+  embeddings to fp32's, and the neighbours they find: recall@1 and @k (k =
+  --retro-query-num-neighbors-save) against exact fp32 search over a random sample of the DB's
+  chunks, train sample chunks as queries, and the overlap of the same-document-filtered
+  neighbours. Also how much each one's neighbours move when the same chunks are embedded in
+  another batch composition (what verify's recomputation meets). --compare-only WD runs only
+  this, on an existing work dir, which it only reads (the GPT dataset caches go under --out).
 Not a test: numbers depend on the machine and on what else runs on it.
 """
 
@@ -21,18 +30,23 @@ import sys
 import sysconfig
 import time
 
+import faiss
 import numpy as np
 import torch
 
 # tools/ is a directory of scripts, not an installed package: import it from the checkout.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.data.builder import build_gpt_datasets
 from megatron.data.tokenizers import build_tokenizer
-from megatron.retro.chunk_db import ChunkDB
-from megatron.retro.embedder import BertEmbedder, chunk_texts, iter_embedding_blocks
-from megatron.retro.index import choose_index_str, default_ntrain, load_index, make_index, set_search_params
+from megatron.retro.chunk_db import DATASET, DOCUMENT, ChunkDB
+from megatron.retro.embedder import PRECISIONS, BertEmbedder, chunk_texts, iter_embedding_blocks
+from megatron.retro.index import (choose_index_str, default_ntrain, load_index, make_index, read_embeddings,
+                                  set_search_params)
+from megatron.retro.query import document_keys, filter_neighbors, sample_chunks
 from megatron.retro.tasks import TASKS
-from megatron.retro.workdir import load_workdir_config
+from megatron.retro.workdir import build_workdir_tokenizer, load_workdir_config
+from megatron.training.config import DataConfig
 from tools.corpus_from_files import write_corpus
 from tools.preprocess_data import preprocess
 from tools.retro.preprocess_data import main as retro_main
@@ -119,6 +133,104 @@ def synthetic_index_rates(num_vectors: int, dim: int, k: int, nprobe: int, ef_se
             "search_rate": len(queries) / (time.perf_counter() - start)}
 
 
+def _filtered(top: np.ndarray, db_ids: np.ndarray, db: ChunkDB, query_keys: np.ndarray, k: int) -> np.ndarray:
+    """The query step's same-document filter over top (positions in db_ids), as chunk ids."""
+    ids = db_ids[top]
+    rows = np.asarray(db.chunks[ids.reshape(-1)])
+    keys = document_keys(rows[:, DATASET], rows[:, DOCUMENT]).reshape(ids.shape)
+    return filter_neighbors(ids, keys, np.ones(ids.shape, dtype=bool), query_keys, k)
+
+
+def precision_comparison(work_dir: str, precisions: list[str], num_queries: int, num_db: int,
+                         speed_chunks: int, batch_size: int, cache_dir: str, seed: int = 0,
+                         rounds: int = 2) -> None:
+    """Print each precision's speed ratio to fp32 and its neighbours against fp32 exact search
+    (see the module docstring). Only reads work_dir."""
+    cfg = load_workdir_config(work_dir)
+    tokenizer = build_workdir_tokenizer(work_dir, cfg)
+    db = ChunkDB(work_dir)
+    rng = np.random.default_rng(seed)
+    valid_ids = np.flatnonzero(np.asarray(db.valid))
+    db_ids = np.sort(rng.choice(valid_ids, min(num_db, len(valid_ids)), replace=False))
+    db_texts = chunk_texts(db.get_chunk_tokens(db_ids), db.eod, tokenizer)
+    # Queries: chunks of random train samples, with their documents, as the query step makes them.
+    data = DataConfig(data_path=[str(x) for pair in cfg["data_path"] for x in pair], split=cfg["split"],
+                      data_cache_path=cache_dir)
+    counts = (cfg["train_samples"], cfg["valid_samples"], cfg["test_samples"])
+    train = build_gpt_datasets(data, cfg["seq_length"], counts, cfg["seed"])[0]
+    per_sample = -(-cfg["seq_length"] // cfg["chunk_length"])
+    samples = np.sort(rng.choice(len(train), min(len(train), -(-num_queries // per_sample)), replace=False))
+    tokens, keys = sample_chunks(train, samples, cfg["seq_length"], cfg["chunk_length"], db.eod,
+                                 {entry["path"]: i for i, entry in enumerate(cfg["db_datasets"])})
+    query_texts = chunk_texts(tokens[:num_queries], db.eod, tokenizer)
+    keys = keys[:num_queries]
+
+    embedders = {p: BertEmbedder(cfg["retriever_model"], cfg["bert_max_chunk_length"], batch_size, device="cpu",
+                                 precision=p) for p in ["fp32"] + [p for p in precisions if p != "fp32"]}
+    speed_texts = [db_texts[i] for i in rng.choice(len(db_texts), min(speed_chunks, len(db_texts)), replace=False)]
+    seconds = {p: [] for p in embedders}
+    for embedder in embedders.values():
+        embedder.embed(speed_texts[:8])  # load and warm up
+    for _ in range(rounds):
+        for p, embedder in embedders.items():
+            start = time.perf_counter()
+            embedder.embed(speed_texts)
+            seconds[p].append(time.perf_counter() - start)
+
+    k_query, k = cfg["num_neighbors_query"], cfg["num_neighbors_save"]
+    dim = cfg["embedding_dim"]
+
+    def search(queries, vectors):
+        index = faiss.IndexFlatIP(dim)
+        index.add(np.ascontiguousarray(vectors))
+        return index.search(np.ascontiguousarray(queries), min(k_query, len(vectors)))
+
+    ref_queries = embedders["fp32"].embed(query_texts)
+    has_text = np.any(ref_queries != 0, axis=1)
+    ref_queries, keys = ref_queries[has_text], keys[has_text]
+    query_texts = [t for t, h in zip(query_texts, has_text) if h]
+    if cfg.get("bert_precision", "fp32") == "fp32":
+        ref_db = read_embeddings(work_dir, db, dim, cfg["block_size"], db_ids)  # what the build stored
+    else:
+        ref_db = embedders["fp32"].embed(db_texts).astype(np.float16).astype(np.float32)
+    ref_scores, ref_top = search(ref_queries, ref_db)
+    ref_filtered = _filtered(ref_top, db_ids, db, keys, k)
+    print(f"\nprecisions vs fp32 on {os.path.abspath(work_dir)}: {len(db_ids)} random valid DB chunks, "
+          f"{len(ref_queries)} train sample chunks as queries, exact (Flat inner product) search, k'={k_query}, "
+          f"k={k}; batch size {batch_size}, {torch.get_num_threads()} torch threads")
+    base = min(seconds["fp32"])
+    print(f"  fp32: {len(speed_texts) / base:.1f} chunks/s (x1.00, best of {rounds} interleaved rounds over "
+          f"{len(speed_texts)} chunks)")
+    half = len(query_texts) // 2
+    for p in embedders:
+        if p == "fp32":
+            continue
+        embedder = embedders[p]
+        queries = embedder.embed(query_texts)
+        vectors = embedder.embed(db_texts).astype(np.float16).astype(np.float32)  # stored as float16
+        _, top = search(queries, vectors)
+        cosine = (queries * ref_queries).sum(axis=1)
+        recall = []
+        for at in sorted({1, k}):
+            same = (top[:, :at, None] == ref_top[:, None, :at]).any(axis=2).mean()
+            # A hit also when its fp32 score reaches the at-th fp32 score (duplicate chunks tie).
+            scores = (ref_db[top[:, :at]] * ref_queries[:, None, :]).sum(axis=-1)
+            tied = (scores >= ref_scores[:, at - 1:at] - 1e-4).mean()
+            recall.append(f"recall@{at} {same:.1%} (ties counted {tied:.1%})")
+        filtered = _filtered(top, db_ids, db, keys, k)
+        present = ref_filtered >= 0
+        overlap = ((ref_filtered[:, :, None] == filtered[:, None, :]).any(axis=2) & present).sum() / present.sum()
+        again = embedder.embed(query_texts[half:])  # another batch composition
+        _, top_again = search(again, vectors)
+        agreement = (_filtered(top_again, db_ids, db, keys[half:], k) == filtered[half:]).mean()
+        self_cosine = (again * queries[half:]).sum(axis=1).min()
+        print(f"  {p}: {len(speed_texts) / min(seconds[p]):.1f} chunks/s (x{base / min(seconds[p]):.2f}); cosine to fp32 "
+              f"min {cosine.min():.5f} mean {cosine.mean():.5f}; {', '.join(recall)}; filtered neighbours: "
+              f"{overlap:.1%} of fp32's found, rows identical {np.all(filtered == ref_filtered, axis=1).mean():.1%}; "
+              f"re-embedded in another batch composition: min cosine {self_cosine:.5f}, filtered neighbours "
+              f"agree {agreement:.1%}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-files", type=int, default=40)
@@ -130,11 +242,24 @@ def main():
     parser.add_argument("--synthetic-index", type=int, default=0, metavar="N",
                         help="also time the index chosen for N chunks on random vectors")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--compare-only", metavar="WD", default=None,
+                        help="only compare the precisions, on this existing work dir (read only)")
+    parser.add_argument("--precisions", nargs="+", choices=[p for p in PRECISIONS if p != "fp32"],
+                        default=[p for p in PRECISIONS if p != "fp32"], help="compared with fp32")
+    parser.add_argument("--recall-queries", type=int, default=1000, help="train sample chunks as queries")
+    parser.add_argument("--recall-db", type=int, default=5000, help="random valid DB chunks searched")
+    parser.add_argument("--speed-chunks", type=int, default=384, help="DB chunks embedded per timing")
+    parser.add_argument("--batch-size", type=int, default=128, help="as --retro-bert-batch-size")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    compare = (args.precisions, args.recall_queries, args.recall_db, args.speed_chunks, args.batch_size,
+               os.path.join(args.out, "compare_cache"))
+    if args.compare_only:
+        precision_comparison(args.compare_only, *compare)
+        return
 
     tokenizer_args, prefix = prepare_data(args.out, None if args.all else args.max_files)
     work_dir = os.path.join(args.out, "wd")
@@ -180,6 +305,7 @@ def main():
         print(f"synthetic {args.synthetic_index} chunks, {r['index_str']!r}: train on {r['ntrain']} in "
               f"{r['train_s']:.1f}s, add {r['add_rate']:.0f} chunks/s, search {r['search_rate']:.0f} "
               f"queries/s at k'={cfg['num_neighbors_query']}, nprobe {cfg['nprobe']}")
+    precision_comparison(work_dir, *compare)
 
 
 if __name__ == "__main__":
