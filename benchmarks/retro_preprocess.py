@@ -224,9 +224,10 @@ def precision_comparison(work_dir: str, precisions: list[str], num_queries: int,
         _, top_again = search(again, vectors)
         agreement = (_filtered(top_again, db_ids, db, keys[half:], k) == filtered[half:]).mean()
         self_cosine = (again * queries[half:]).sum(axis=1).min()
-        print(f"  {p}: {len(speed_texts) / min(seconds[p]):.1f} chunks/s (x{base / min(seconds[p]):.2f}); cosine to fp32 "
-              f"min {cosine.min():.5f} mean {cosine.mean():.5f}; {', '.join(recall)}; filtered neighbours: "
-              f"{overlap:.1%} of fp32's found, rows identical {np.all(filtered == ref_filtered, axis=1).mean():.1%}; "
+        identical = np.all(filtered == ref_filtered, axis=1).mean()
+        print(f"  {p}: {len(speed_texts) / min(seconds[p]):.1f} chunks/s (x{base / min(seconds[p]):.2f}); "
+              f"cosine to fp32 min {cosine.min():.5f} mean {cosine.mean():.5f}; {', '.join(recall)}; filtered "
+              f"neighbours: {overlap:.1%} of fp32's found, rows identical {identical:.1%}; "
               f"re-embedded in another batch composition: min cosine {self_cosine:.5f}, filtered neighbours "
               f"agree {agreement:.1%}")
 
