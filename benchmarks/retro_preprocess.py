@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.data.builder import build_gpt_datasets
+from megatron.data.config import DataConfig
 from megatron.data.tokenizers import build_tokenizer
 from megatron.retro.chunk_db import DATASET, DOCUMENT, ChunkDB
 from megatron.retro.embedder import PRECISIONS, BertEmbedder, chunk_texts, iter_embedding_blocks
@@ -46,7 +47,6 @@ from megatron.retro.index import (choose_index_str, default_ntrain, load_index, 
 from megatron.retro.query import document_keys, filter_neighbors, sample_chunks
 from megatron.retro.tasks import TASKS
 from megatron.retro.workdir import build_workdir_tokenizer, load_workdir_config
-from megatron.training.config import DataConfig
 from tools.corpus_from_files import write_corpus
 from tools.preprocess_data import preprocess
 from tools.retro.preprocess_data import main as retro_main
