@@ -97,6 +97,8 @@ def add_retro_args(parser):
     g.add_argument("--retro-attention-gate-logit-scale", type=float, default=RetroConfig.attention_gate_logit_scale,
                    help="the per-chunk gate's logits are this times their parameters, so that the "
                         "optimizer's ~lr steps move the gate across its range within a short run")
+    g.add_argument("--retro-attention-gate-init", type=float, default=RetroConfig.attention_gate_init,
+                   help="every chunk's per-chunk gate at the start, in (0, 1)")
     g.add_argument("--retro-budget-loss-coeff", type=float, default=0.0,
                    help="adds C x the mean gate over chunks with a real neighbour to the loss "
                         "(needs --retro-attention-gate)")
@@ -125,7 +127,8 @@ def retro_config_from_args(args) -> dict:
         cca_gate_init=args.retro_cca_gate_init,
         align_neighbors=args.retro_align_neighbors,
         attention_gate=args.retro_attention_gate,
-        attention_gate_logit_scale=args.retro_attention_gate_logit_scale)
+        attention_gate_logit_scale=args.retro_attention_gate_logit_scale,
+        attention_gate_init=args.retro_attention_gate_init)
     return {"retro": RetroTrainingConfig(
         add_retriever=args.retro_add_retriever, work_dir=os.path.abspath(args.retro_work_dir), model=model,
         budget_loss_coeff=args.retro_budget_loss_coeff, no_retrieval_prob=args.retro_no_retrieval_prob,
@@ -169,9 +172,11 @@ def config_from_checkpoint(path: str, work_dir: str) -> Config:
     if saved_retro is None:
         raise ValueError(f"{path}: not a pretrain_retro.py checkpoint (its config has no retro section)")
     # Checkpoints from before aligned neighbours were trained on the DB's chunk boundaries, and
-    # those from before the encoder's embedding skip have none, nor a scale on the gate's logits.
+    # those from before the encoder's embedding skip have none; their gates read unscaled logits
+    # that started half open.
     model = RetroConfig(**{"align_neighbors": False, "encoder_embedding_skip": False,
-                           "attention_gate_logit_scale": 1.0, **saved_retro.pop("model")})
+                           "attention_gate_logit_scale": 1.0, "attention_gate_init": 0.5,
+                           **saved_retro.pop("model")})
     cfg.extra["retro"] = RetroTrainingConfig(**dict(saved_retro, model=model, work_dir=os.path.abspath(work_dir)))
     return cfg
 

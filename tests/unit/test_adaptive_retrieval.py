@@ -57,13 +57,14 @@ def train(coeff: float, steps: int):
 
 @pytest.fixture(scope="module")
 def trained():
-    """~15 s on one thread: copying is learnt by step ~200 (chunk losses below)."""
-    return train(0.05, 400)
+    """~15 s on one thread: copying is learnt by step ~200 (chunk losses below). A budget of 0.05
+    at this lr closes every chunk before then (gate ~0.001 on both halves): the card's collapse."""
+    return train(0.01, 400)
 
 
 def test_the_gate_opens_where_the_neighbours_hold_the_text_and_retrieval_pays_there(trained):
     gates, _, model = trained
-    assert gates[0] == pytest.approx(0.5)  # every chunk starts half open
+    assert gates[0] == pytest.approx(RetroConfig.attention_gate_init)  # every chunk starts nearly open
     batch, useful = make_batch(64, torch.Generator().manual_seed(99))
     tokens, labels = batch["text"][:, :-1], batch["text"][:, 1:]
     with torch.no_grad():
@@ -87,7 +88,7 @@ def test_the_gate_opens_where_the_neighbours_hold_the_text_and_retrieval_pays_th
 def test_budget_loss_lowers_the_mean_gate_versus_coefficient_zero():
     free, free_metrics, _ = train(0.0, 40)
     paid, paid_metrics, _ = train(1.0, 40)
-    assert free[0] == pytest.approx(0.5) and paid[0] == pytest.approx(0.5)
+    assert free[0] == pytest.approx(RetroConfig.attention_gate_init) == paid[0]
     assert retro.BUDGET_LOSS not in free_metrics
     assert float(paid_metrics[retro.BUDGET_LOSS]) == pytest.approx(float(paid_metrics[retro.GATE_MEAN]))
     assert paid[-1] < free[-1] - 0.1, (paid[-1], free[-1])

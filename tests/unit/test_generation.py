@@ -358,14 +358,14 @@ def test_aligned_neighbours_are_what_evaluation_reads_and_old_checkpoints_stay_a
     with open(config_file) as f:
         saved = json.load(f)
     assert saved["extra"]["retro"]["model"]["encoder_embedding_skip"]  # the default
-    assert saved["extra"]["retro"]["model"]["attention_gate_logit_scale"] == 10.0
-    for field in ("align_neighbors", "encoder_embedding_skip", "attention_gate_logit_scale"):
+    assert saved["extra"]["retro"]["model"]["attention_gate_logit_scale"] == 30.0
+    for field in ("align_neighbors", "encoder_embedding_skip", "attention_gate_logit_scale", "attention_gate_init"):
         del saved["extra"]["retro"]["model"][field]
     with open(config_file, "w") as f:
         json.dump(saved, f)
     old = retro.config_from_checkpoint(path, str(workspace["work_dir"])).extra["retro"].model
     assert not old.align_neighbors and not old.encoder_embedding_skip
-    assert old.attention_gate_logit_scale == 1.0
+    assert old.attention_gate_logit_scale == 1.0 and old.attention_gate_init == 0.5
 
 
 def test_evaluate_reports_the_gate_per_mode_and_per_overlap_bucket(workspace, tmp_path):

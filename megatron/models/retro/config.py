@@ -42,8 +42,10 @@ class RetroConfig:
     align_neighbors: bool = True
     attention_gate: bool = False  # learned per-chunk gate on each CCA output (adaptive retrieval)
     # Its logits are this times their parameters, so that Adam's ~lr steps can open or close the
-    # gate within a short run (models/retro/gate.py).
-    attention_gate_logit_scale: float = 10.0
+    # gate within a short run, and every chunk's gate starts at attention_gate_init: nearly open,
+    # so the gate does not slow the CCA's learning as a half-open start did (models/retro/gate.py).
+    attention_gate_logit_scale: float = 30.0
+    attention_gate_init: float = 0.9
     # Refuse neighbour tensors whose k differs from num_neighbors; False lets evaluation vary k
     # (the paper evaluates with more neighbours than it trained with).
     verify_neighbor_count: bool = True

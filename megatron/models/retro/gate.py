@@ -31,13 +31,15 @@ Per chunk, not per token: the neighbours, and so the evidence, come once per chu
 position reads them (incremental decoding computes the gate once per chunk), and the mean over
 chunks is the share of retrieved chunks let in, which is what the budget should price.
 
-Each end logit is LOGIT_SCALE (RetroConfig.attention_gate_logit_scale) times its parameter. Adam
-moves a parameter by about lr per step whatever its gradient's size, so a logit read as the bare
-parameter moved less than 1 in an 800-step run at lr 1e-3: the gate stayed near its start of 0.5
+Each end logit is RetroConfig.attention_gate_logit_scale (30) times its parameter. Adam moves a
+parameter by about lr per step whatever its gradient's size, so a logit read as the bare
+parameter moved less than 1 in an 800-step run at lr 1e-3: the gate stayed near its start
 everywhere, over random neighbours too (docs/experiments.md). The scale lets it cross the
 sigmoid's range within such a run.
 
-Both logits start at 0: every chunk starts half open. A chunk without a real neighbour gets
+Both logits start where the gate is RetroConfig.attention_gate_init (0.9): every chunk starts
+nearly open. A start of 0.5 halved every CCA output and, as a smaller tanh gate does, slowed the
+CCA's learning: the model then read its neighbours into a higher loss (docs/experiments.md). A chunk without a real neighbour gets
 exactly 0 (its CCA output is 0 anyway). The latest forward's values are kept, with their
 autograd graph, for the budget loss and the logs: `last_value` [b, w] for the w whole chunks
 (a partial last chunk's neighbours are read by no position) and `last_real` [b, w], the chunks
@@ -80,20 +82,25 @@ def neighbor_overlap(tokens: torch.Tensor, neighbor_tokens: torch.Tensor,
 
 
 class AttentionGate(nn.Module):
-    def __init__(self, chunk_length: int, logit_scale: float = 1.0):
+    def __init__(self, chunk_length: int, logit_scale: float, init: float):
         super().__init__()
         if chunk_length < 2:
             raise ValueError("--retro-attention-gate compares bigrams: it needs chunks of at least 2 tokens")
+        if not 0 < init < 1:
+            raise ValueError(f"--retro-attention-gate-init must lie in (0, 1), got {init}")
         self.chunk_length = chunk_length
         self.logit_scale = logit_scale
-        self.logit_none = nn.Parameter(torch.zeros(1))  # the logit at overlap 0
-        self.logit_full = nn.Parameter(torch.zeros(1))  # and at overlap 1
+        self.init = init
+        self.logit_none = nn.Parameter(torch.empty(1))  # the logit at overlap 0
+        self.logit_full = nn.Parameter(torch.empty(1))  # and at overlap 1
+        self.reset_parameters()
         self.last_value: torch.Tensor | None = None
         self.last_real: torch.Tensor | None = None
 
     def reset_parameters(self):
-        nn.init.zeros_(self.logit_none)
-        nn.init.zeros_(self.logit_full)
+        start = torch.logit(torch.tensor(self.init)).item() / self.logit_scale
+        nn.init.constant_(self.logit_none, start)
+        nn.init.constant_(self.logit_full, start)
 
     def chunk_values(self, overlap: torch.Tensor, neighbor_mask: torch.Tensor) -> torch.Tensor:
         """overlap [..., k] (neighbor_overlap), neighbor_mask bool [..., k] -> the gate [...]."""

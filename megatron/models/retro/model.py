@@ -47,7 +47,8 @@ class RetroBlock(TransformerBlock):
                                      retro_cfg.encoder_cross_attention, retro_cfg.encoder_embedding_skip)
                         if with_encoder else None)
         self.cca_gate = TanhGate(retro_cfg.cca_gate_init)
-        self.gate = AttentionGate(retro_cfg.chunk_length, retro_cfg.attention_gate_logit_scale) if retro_cfg.attention_gate else None
+        self.gate = AttentionGate(retro_cfg.chunk_length, retro_cfg.attention_gate_logit_scale,
+                                   retro_cfg.attention_gate_init) if retro_cfg.attention_gate else None
 
     def forward(self, x: torch.Tensor, rope, neighbors: torch.Tensor | None = None,
                 neighbor_mask: torch.Tensor | None = None, overlap: torch.Tensor | None = None):
