@@ -2,6 +2,7 @@
 
     python examples/retro/quickstart.py [--workspace runs/quickstart]    # transformers' model files
     python examples/retro/quickstart.py --preset long                      # 1,600 steps instead of 800
+    python examples/retro/quickstart.py --adaptive                         # the per-chunk gate, card's flags
     python examples/retro/quickstart.py --input stdlib                     # the Python standard library
     python examples/retro/quickstart.py --input DIR --max-files 300 --db-max-files 600
 
@@ -38,6 +39,9 @@ from megatron.training.retro import MIN_RETRIEVAL_GAIN
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Flags a --preset changes; any of them given explicitly still wins.
 PRESETS = {"default": {}, "long": {"train_iters": 1600, "curve_interval": 400}}
+# --adaptive: the Adaptive-RETRO card's gate, budget and retrieval dropout.
+ADAPTIVE_FLAGS = ["--retro-attention-gate", "--retro-budget-loss-coeff", "0.001", "--retro-no-retrieval-prob", "0.1",
+                  "--retro-random-retrieval-prob", "0.1"]
 
 
 def corpus_dir(name: str) -> str | None:
@@ -99,6 +103,10 @@ def parse_args(argv=None):
     p.add_argument("--curve-interval", type=int, default=200,
                    help="save and evaluate (on / off / random) every N iterations for the learning curves; "
                         "0: the last iteration only")
+    p.add_argument("--adaptive", action="store_true",
+                   help="train RETRO with the per-chunk gate and the Adaptive-RETRO card's budget loss and "
+                        "retrieval dropout (ADAPTIVE_FLAGS): it reads its neighbours into a lower loss "
+                        "(README, docs/experiments.md)")
     p.add_argument("--split", default="95,5,0", help="train,valid,test documents (Megatron's --split)")
     p.add_argument("--workers", type=int, default=2)
     preset, _ = p.parse_known_args(argv)
@@ -159,10 +167,7 @@ def main(argv=None):
              "--clip-grad", "1.0", "--log-interval", "20", "--retro-num-neighbors", "2"]
     curve_interval = args.curve_interval or args.train_iters
     results, curves = {}, {}
-    for name, extra in (("retro", ["--retro-add-retriever", "--retro-encoder-hidden-size",
-                                   str(args.hidden_size // 2), "--retro-encoder-attention-heads",
-                                   str(max(1, args.num_attention_heads // 2))]),
-                        ("gpt", [])):
+    for name, extra in (("retro", retro_flags(args)), ("gpt", [])):
         ckpt = os.path.join(ws, "checkpoints", name)
         run([py, "pretrain_retro.py", "--retro-work-dir", work_dir, *tok, *schedule, *model, *extra,
              "--save", ckpt, "--save-interval", str(curve_interval)],
@@ -178,6 +183,14 @@ def main(argv=None):
 
     print_table(results)
     plot_curves(ws, curves)
+
+
+def retro_flags(args) -> list[str]:
+    """What the RETRO run adds to the GPT's flags: the retriever, an encoder half the decoder's
+    width, and with --adaptive the card's gate, budget and retrieval dropout."""
+    flags = ["--retro-add-retriever", "--retro-encoder-hidden-size", str(args.hidden_size // 2),
+             "--retro-encoder-attention-heads", str(max(1, args.num_attention_heads // 2))]
+    return flags + (ADAPTIVE_FLAGS if args.adaptive else [])
 
 
 def plot_curves(ws: str, curves: dict):

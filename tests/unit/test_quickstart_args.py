@@ -22,3 +22,14 @@ def test_the_long_preset_changes_the_schedule_unless_a_flag_says_otherwise():
     assert (long.train_iters, long.curve_interval, long.global_batch_size) == (1600, 400, 4)
     explicit = qs.parse_args(["--train-iters", "10", "--preset", "long"])
     assert (explicit.train_iters, explicit.curve_interval) == (10, 400)
+
+
+def test_adaptive_adds_the_cards_gate_budget_and_retrieval_dropout_to_the_retro_run_only():
+    from megatron.training.arguments import build_parser
+    from megatron.training.retro import add_retro_args
+
+    plain, adaptive = qs.retro_flags(qs.parse_args([])), qs.retro_flags(qs.parse_args(["--adaptive"]))
+    assert adaptive[:len(plain)] == plain and "--retro-attention-gate" not in plain
+    parsed = build_parser(add_retro_args).parse_args(["--retro-work-dir", "unused", *adaptive])
+    assert parsed.retro_attention_gate and parsed.retro_budget_loss_coeff == 0.001
+    assert parsed.retro_no_retrieval_prob == parsed.retro_random_retrieval_prob == 0.1
