@@ -1,7 +1,7 @@
 """The whole RETRO pipeline on real source code, on one machine.
 
     python examples/retro/quickstart.py [--workspace runs/quickstart]    # transformers' model files
-    python examples/retro/quickstart.py --preset long                      # 1,600 steps instead of 800
+    python examples/retro/quickstart.py --preset long                      # 1,600 steps, --adaptive
     python examples/retro/quickstart.py --adaptive                         # the per-chunk gate, card's flags
     python examples/retro/quickstart.py --input stdlib                     # the Python standard library
     python examples/retro/quickstart.py --input DIR --max-files 300 --db-max-files 600
@@ -38,7 +38,7 @@ from megatron.training.retro import MIN_RETRIEVAL_GAIN
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Flags a --preset changes; any of them given explicitly still wins.
-PRESETS = {"default": {}, "long": {"train_iters": 1600, "curve_interval": 400}}
+PRESETS = {"default": {}, "long": {"train_iters": 1600, "curve_interval": 400, "adaptive": True}}
 # --adaptive: the Adaptive-RETRO card's gate, budget and retrieval dropout.
 ADAPTIVE_FLAGS = ["--retro-attention-gate", "--retro-budget-loss-coeff", "0.001", "--retro-no-retrieval-prob", "0.1",
                   "--retro-random-retrieval-prob", "0.1"]
@@ -79,7 +79,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workspace", default=os.path.join(REPO, "runs", "quickstart"))
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="long: 1,600 iterations, evaluated every 400 (where retrieval pays 0.1 nats or more; README)")
+                   help="long: 1,600 iterations, evaluated every 400, with --adaptive (where retrieval pays "
+                        "0.1 nats or more; README)")
     p.add_argument("--input", default="transformers",
                    help="directory of *.py files, or 'transformers' (the installed package's models/ source) or "
                         "'stdlib' (this Python's standard library)")
@@ -103,7 +104,7 @@ def parse_args(argv=None):
     p.add_argument("--curve-interval", type=int, default=200,
                    help="save and evaluate (on / off / random) every N iterations for the learning curves; "
                         "0: the last iteration only")
-    p.add_argument("--adaptive", action="store_true",
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=False,
                    help="train RETRO with the per-chunk gate and the Adaptive-RETRO card's budget loss and "
                         "retrieval dropout (ADAPTIVE_FLAGS): it reads its neighbours into a lower loss "
                         "(README, docs/experiments.md)")

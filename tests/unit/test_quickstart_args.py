@@ -19,7 +19,8 @@ def test_the_default_corpus_is_transformers_model_files_and_the_stdlib_an_option
 
 def test_the_long_preset_changes_the_schedule_unless_a_flag_says_otherwise():
     long = qs.parse_args(["--preset", "long"])
-    assert (long.train_iters, long.curve_interval, long.global_batch_size) == (1600, 400, 4)
+    assert (long.train_iters, long.curve_interval, long.global_batch_size, long.adaptive) == (1600, 400, 4, True)
+    assert not qs.parse_args(["--preset", "long", "--no-adaptive"]).adaptive and not qs.parse_args([]).adaptive
     explicit = qs.parse_args(["--train-iters", "10", "--preset", "long"])
     assert (explicit.train_iters, explicit.curve_interval) == (10, 400)
 
