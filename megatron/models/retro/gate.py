@@ -49,6 +49,8 @@ under FSDP the parameters are only whole there.
 Every parameter has shape [1] rather than a 0-d scalar: FSDP2 shards along dim 0.
 """
 
+import math
+
 import torch
 from torch import nn
 
@@ -98,7 +100,7 @@ class AttentionGate(nn.Module):
         self.last_real: torch.Tensor | None = None
 
     def reset_parameters(self):
-        start = torch.logit(torch.tensor(self.init)).item() / self.logit_scale
+        start = math.log(self.init / (1 - self.init)) / self.logit_scale  # no tensor: meta-device safe
         nn.init.constant_(self.logit_none, start)
         nn.init.constant_(self.logit_full, start)
 
