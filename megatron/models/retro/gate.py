@@ -10,7 +10,7 @@ sign of every CCA gradient, and the gate stayed shut even over neighbours that h
 A tenth of the output disturbs the decoder little and lets the CCA learn (docs/experiments.md).
 
 AttentionGate (--retro-attention-gate, adaptive retrieval): a value in [0, 1] per chunk u,
-sigmoid((1 - o_u) * logit_none + o_u * logit_full), multiplying the CCA output of the positions
+sigmoid(scale * ((1 - o_u) * logit_none + o_u * logit_full)), multiplying the CCA output of the positions
 that read chunk u's neighbours; the budget loss penalises its mean. o_u (`neighbor_overlap`) is
 the share of chunk u's token bigrams found in its best real neighbour: evidence that the
 neighbours hold this text and so, likely, what follows it (RETRO's gain sits in such chunks,
@@ -22,7 +22,8 @@ cosine similarity of them): on the corpus of tests/unit/test_adaptive_retrieval.
 gave useful and random neighbours the same value, as after a few hundred steps neither
 representation keeps the token identity that tells them apart, and their many weights let the
 budget loss close every chunk before retrieval paid (the Adaptive-RETRO card's collapse). Two
-scalars move the logit by about lr per step, and the overlap separates the chunks from step 0.
+scalars move the logit at a rate the scale below sets, and the overlap separates the chunks
+from step 0.
 Two end logits rather than a bias and a slope: chunks the neighbours do not hold move only
 logit_none, chunks they hold only logit_full, so opening the useful ones does not open the
 others too (a shared bias separated that corpus's two halves about half as well).
@@ -39,8 +40,9 @@ sigmoid's range within such a run.
 
 Both logits start where the gate is RetroConfig.attention_gate_init (0.9): every chunk starts
 nearly open. A start of 0.5 halved every CCA output and, as a smaller tanh gate does, slowed the
-CCA's learning: the model then read its neighbours into a higher loss (docs/experiments.md). A chunk without a real neighbour gets
-exactly 0 (its CCA output is 0 anyway). The latest forward's values are kept, with their
+CCA's learning: the model then read its neighbours into a higher loss (docs/experiments.md).
+
+A chunk without a real neighbour gets exactly 0 (its CCA output is 0 anyway). The latest forward's values are kept, with their
 autograd graph, for the budget loss and the logs: `last_value` [b, w] for the w whole chunks
 (a partial last chunk's neighbours are read by no position) and `last_real` [b, w], the chunks
 with a real neighbour, over which the mean is taken. They are recorded inside forward because
