@@ -27,11 +27,11 @@ def tiny_retro(gate=False, encoder_cross_attention="first", seed=0):
     model = RetroModel(cfg, RetroConfig(chunk_length=M, num_neighbors=K, decoder_layers=[2, 4], attention_gate=gate, cca_gate_init=0.5,
                                         encoder_cross_attention=encoder_cross_attention))
     model.init_weights()
-    if gate:  # away from the initial 0.5, different per layer and per overlap
+    if gate:  # end logits away from the start, different per layer and per overlap
         for i, layer in enumerate(model.layers.values()):
             if getattr(layer, "gate", None) is not None:
-                layer.gate.logit_none.data.fill_(0.3 + i)
-                layer.gate.logit_full.data.fill_(-1.0 - i)
+                layer.gate.logit_none.data.fill_((0.3 + i) / layer.gate.logit_scale)
+                layer.gate.logit_full.data.fill_((-1.0 - i) / layer.gate.logit_scale)
     return model.eval()
 
 
@@ -188,9 +188,10 @@ def retro_for_workdir(vocab_size: int, seed=0, gate=False):
     model = RetroModel(cfg, RetroConfig(chunk_length=64, num_neighbors=2, decoder_layers=[2], encoder_num_layers=1,
                                         cca_gate_init=0.5, attention_gate=gate))
     model.init_weights()
-    if gate:  # a gate that opens with the overlap
-        model.layers["1"].gate.logit_none.data.fill_(-1.0)
-        model.layers["1"].gate.logit_full.data.fill_(2.0)
+    if gate:  # a gate that opens with the overlap: end logits -1 and 2
+        gate_module = model.layers["1"].gate
+        gate_module.logit_none.data.fill_(-1.0 / gate_module.logit_scale)
+        gate_module.logit_full.data.fill_(2.0 / gate_module.logit_scale)
     return model.eval()
 
 
