@@ -13,7 +13,6 @@ import os
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megatron.data.blended_dataset import parse_data_path
 from megatron.data.builder import SPLIT_NAMES, build_gpt_datasets, check_token_ids
@@ -24,6 +23,7 @@ from megatron.models.gpt.model import GPTModel
 from megatron.models.loss import LM_LOSS, lm_loss
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel, retro_flops_per_token
+from megatron.parallel.ranks import rank_and_world_size
 from megatron.retro.chunk_db import ChunkDB
 from megatron.retro.workdir import (
     WorkDir,
@@ -193,7 +193,7 @@ def post_init(model: torch.nn.Module, cfg: Config):
     fit_from = cfg.extra["retro"].fit_from
     if fit_from:
         frozen = load_gpt_into_retro(fit_from, model, dataclasses.asdict(cfg.model))
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if rank_and_world_size()[0] == 0:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             print(f" > RETRO-fitting: loaded and froze {frozen} GPT tensors from {fit_from}; training "
                   f"{trainable} encoder, CCA and gate parameters", flush=True)

@@ -58,6 +58,7 @@ from megatron.inference.loading import checkpoint_config, load_weights
 from megatron.models.loss import LM_LOSS, token_losses
 from megatron.parallel.config import ParallelConfig
 from megatron.parallel.parallelize import parallelize_fn
+from megatron.parallel.ranks import is_distributed, rank_and_world_size
 from megatron.retro.overlap import OVERLAP_BUCKETS, OVERLAP_NGRAM, bucket_of, chunk_overlaps
 from megatron.training import retro
 from megatron.training.config import Config
@@ -215,8 +216,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if dist.is_initialized():
+    rank, _ = rank_and_world_size()
+    if is_distributed():
         # Every rank past its last collective before any tears gloo down: a rank that left
         # early was seen to abort at exit (std::terminate) while the other still finished.
         dist.barrier()

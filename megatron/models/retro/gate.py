@@ -10,10 +10,10 @@ sign of every CCA gradient, and the gate stayed shut even over neighbours that h
 A tenth of the output disturbs the decoder little and lets the CCA learn (docs/experiments.md).
 
 AttentionGate (--retro-attention-gate, adaptive retrieval): a value in [0, 1] per chunk u,
-sigmoid(scale * ((1 - o_u) * logit_none + o_u * logit_full)), multiplying the CCA output of the positions
-that read chunk u's neighbours; the budget loss penalises its mean. o_u (`neighbor_overlap`) is
-the share of chunk u's token bigrams found in its best real neighbour: evidence that the
-neighbours hold this text and so, likely, what follows it (RETRO's gain sits in such chunks,
+sigmoid(scale * ((1 - o_u) * logit_none + o_u * logit_full)), multiplying the CCA output of the
+positions that read chunk u's neighbours; the budget loss penalises its mean. o_u
+(`neighbor_overlap`) is the share of chunk u's token bigrams found in its best real neighbour:
+evidence that the neighbours hold this text and so, likely, what follows it (RETRO's gain sits in such chunks,
 paper §2.6). Bigrams, since two chunks of one language share frequent tokens by chance. Causal:
 chunk u's tokens and neighbours are all known at its last token, the first position reading them.
 
@@ -42,8 +42,8 @@ Both logits start where the gate is RetroConfig.attention_gate_init (0.9): every
 nearly open. A start of 0.5 halved every CCA output and, as a smaller tanh gate does, slowed the
 CCA's learning: the model then read its neighbours into a higher loss (docs/experiments.md).
 
-A chunk without a real neighbour gets exactly 0 (its CCA output is 0 anyway). The latest forward's values are kept, with their
-autograd graph, for the budget loss and the logs: `last_value` [b, w] for the w whole chunks
+A chunk without a real neighbour gets exactly 0 (its CCA output is 0 anyway). The latest
+forward's values are kept, with their autograd graph, for the budget loss and the logs: `last_value` [b, w] for the w whole chunks
 (a partial last chunk's neighbours are read by no position) and `last_real` [b, w], the chunks
 with a real neighbour, over which the mean is taken. They are recorded inside forward because
 under FSDP the parameters are only whole there.
