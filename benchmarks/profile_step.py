@@ -5,7 +5,7 @@ Run: python benchmarks/profile_step.py [--sizes default 512] [--warmup 2] [--tim
 
 The sizes, models and random batches are benchmarks/retro_vs_gpt.py's, so this explains its step
 times. Each model trains through the trainer's own iteration (megatron/training/trainer.py):
-_Trainer.train_step, which takes the micro-batch from a _Batches (DataLoader and collate, over
+_Trainer.train_step, which takes the micro-batch from a Batches (DataLoader and collate, over
 the batch's samples held in memory), runs forward_step of megatron/training/retro.py (forward,
 LM loss), backward, grad-norm clipping, AdamW and the LR scheduler, and averages the metrics;
 then _Interval.add, the loop's per-step share of logging. After --warmup iterations one runs
@@ -21,7 +21,7 @@ under torch.profiler, and its self CPU time is summed per part:
   embedding/output+loss   tok_embeddings (tokens and neighbours), final norm, output head, lm_loss
   optimizer step          AdamW's step and zero_grad, the LR scheduler
   grad-norm/clip          clip_grad_norm_
-  data                    _Batches.next
+  data                    Batches.next
   metrics/logging         _add_metrics, _average (its .tolist()), _Interval.add
   other                   the rest: residual adds, Python between ops, autograd's own work
 
@@ -55,13 +55,14 @@ import megatron.models.retro.chunked_cross_attention
 import megatron.models.retro.encoder
 import megatron.training.retro
 import megatron.training.trainer
+from megatron.data.batches import Batches
 from megatron.models.retro.model import RetroModel
 from megatron.parallel.layout import DistEnv, Parallelized, resolve_batch_sizes
 from megatron.training.config import Config, TrainingConfig
 from megatron.training.lr_schedule import LRScheduler
 from megatron.training.optimizer import build_optimizer
 from megatron.training.retro import RetroTrainingConfig, make_forward_step
-from megatron.training.trainer import _Batches, _Interval, _Trainer
+from megatron.training.trainer import _Interval, _Trainer
 # benchmarks/retro_vs_gpt.py, beside this file (a script's directory is on sys.path).
 from retro_vs_gpt import add_size_args, build_models, check_size, random_batch, sizes_from_args, timed_steps
 
@@ -117,7 +118,7 @@ def module_labels(model: torch.nn.Module) -> list[tuple]:
     return labels
 
 
-def trainer_labels(trainer: _Trainer, batches: _Batches, interval: _Interval) -> list[tuple]:
+def trainer_labels(trainer: _Trainer, batches: Batches, interval: _Interval) -> list[tuple]:
     """The functions the iteration calls outside the model, and RoPE tables built inside it."""
     return [
         (megatron.models.retro.encoder, "rope_tables", ROPE),
@@ -158,7 +159,7 @@ class _Samples(torch.utils.data.Dataset):
 
 
 def trainer_for(model, cfg, rcfg, batch: dict, iterations: int):
-    """The trainer's objects for `model` on one process: (_Trainer, _Batches, _Interval)."""
+    """The trainer's objects for `model` on one process: (_Trainer, Batches, _Interval)."""
     retro = isinstance(model, RetroModel)
     b = batch["text"].shape[0]
     config = Config(model=cfg, training=TrainingConfig(micro_batch_size=b, train_iters=iterations, lr=1e-4),
@@ -169,7 +170,8 @@ def trainer_for(model, cfg, rcfg, batch: dict, iterations: int):
     trainer = _Trainer(config, env, par, make_forward_step(config), optimizer, LRScheduler(optimizer, config.training),
                        resolve_batch_sizes(config, par.dp_size))
     samples = _Samples(batch if retro else {"text": batch["text"]}, b * iterations)
-    batches = _Batches(samples, config, par, consumed=0, cyclic=True, device=env.device)
+    batches = Batches(samples, micro_batch_size=b, consumed=0, dp_rank=0, dp_size=1, num_workers=0,
+                      seed=config.training.seed, cyclic=True, device=env.device)
     interval = _Interval(tokens_per_iteration=b * cfg.seq_length, flops_per_token=0.0, world_size=1, peak=None)
     return trainer, batches, interval
 

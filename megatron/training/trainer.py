@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.data import builder
-from megatron.data.loader import build_data_loader
+from megatron.data.batches import Batches
 from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.models.loss import LM_LOSS
 from megatron.parallel.layout import DistEnv, Parallelized, resolve_batch_sizes
@@ -82,29 +82,11 @@ def _is_retro(cfg: Config) -> bool:
     return bool(retro is not None and retro.add_retriever)
 
 
-class _Batches:
-    """This rank's micro-batches from a global sample position; `cyclic` restarts at sample 0
-    when the dataset is used up (validation), otherwise running out is an error."""
-
-    def __init__(self, dataset, cfg: Config, par: Parallelized, consumed: int, cyclic: bool, device):
-        self.dataset, self.cfg, self.par, self.cyclic, self.device = dataset, cfg, par, cyclic, device
-        self.iterator = self._build(consumed)
-
-    def _build(self, consumed: int):
-        return build_data_loader(self.dataset, self.cfg.training.micro_batch_size, consumed,
-                                 self.par.dp_rank, self.par.dp_size, self.cfg.data.num_workers,
-                                 self.cfg.training.seed)
-
-    def next(self) -> dict:
-        try:
-            batch = next(self.iterator)
-        except StopIteration:
-            if not self.cyclic:
-                raise RuntimeError(f"the training dataset ({len(self.dataset)} samples) ran out; "
-                                   f"it was built for fewer iterations than this run trains") from None
-            self.iterator = self._build(0)
-            batch = next(self.iterator)
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+def _batches(dataset, cfg: Config, par: Parallelized, consumed: int, cyclic: bool, device: torch.device) -> Batches:
+    """This rank's share of `dataset`'s micro-batches, as the run's sections set it up."""
+    return Batches(dataset, micro_batch_size=cfg.training.micro_batch_size, consumed=consumed, dp_rank=par.dp_rank,
+                   dp_size=par.dp_size, num_workers=cfg.data.num_workers, seed=cfg.training.seed, cyclic=cyclic,
+                   device=device)
 
 
 def _grad_sync(model: nn.Module, enabled: bool):
@@ -145,12 +127,12 @@ class _Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.autocast = lambda: torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.training.bf16)
 
-    def _pipelined_batch(self, batches: _Batches) -> dict:
+    def _pipelined_batch(self, batches: Batches) -> dict:
         """This rank's micro-batches of one iteration as one batch; the schedule splits it again."""
         micro = [batches.next() for _ in range(self.num_micro)]
         return {k: torch.cat([m[k] for m in micro]) for k in micro[0]}
 
-    def train_step(self, batches: _Batches) -> tuple[dict[str, float], float, bool]:
+    def train_step(self, batches: Batches) -> tuple[dict[str, float], float, bool]:
         """One optimizer step; returns (metrics, grad norm, whether the update was applied)."""
         self.optimizer.zero_grad(set_to_none=True)
         clip = self.cfg.training.clip_grad
@@ -183,7 +165,7 @@ class _Trainer:
         return _average(sums, count, self.par), grad_norm, applied
 
     @torch.no_grad()
-    def evaluate(self, batches: _Batches, eval_iters: int) -> dict[str, float]:
+    def evaluate(self, batches: Batches, eval_iters: int) -> dict[str, float]:
         self.model.eval()
         sums = {}
         pipe = self.par.pipeline
@@ -207,7 +189,7 @@ def evaluate_dataset(cfg: Config, env: DistEnv, par: Parallelized, forward_step:
     evaluate a loaded checkpoint, such as tools/retro/evaluate.py."""
     num_micro = resolve_batch_sizes(cfg, par.dp_size)
     trainer = _Trainer(cfg, env, par, forward_step, optimizer=None, scheduler=None, num_micro=num_micro)
-    return trainer.evaluate(_Batches(dataset, cfg, par, 0, cyclic=False, device=env.device), num_iters)
+    return trainer.evaluate(_batches(dataset, cfg, par, 0, cyclic=False, device=env.device), num_iters)
 
 
 class _Interval:
@@ -329,9 +311,9 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
     train_ds, valid_ds, _ = datasets_provider(cfg, counts)
     if train_ds is None:
         raise ValueError(f"no training data: --split {cfg.data.split} leaves the train split empty")
-    train_batches = _Batches(train_ds, cfg, par, state.consumed_train_samples, cyclic=False, device=env.device)
+    train_batches = _batches(train_ds, cfg, par, state.consumed_train_samples, cyclic=False, device=env.device)
     do_eval = valid_ds is not None and t.eval_iters > 0
-    valid_batches = _Batches(valid_ds, cfg, par, state.consumed_valid_samples % len(valid_ds), cyclic=True,
+    valid_batches = _batches(valid_ds, cfg, par, state.consumed_valid_samples % len(valid_ds), cyclic=True,
                              device=env.device) if do_eval else None
 
     peak = None
