@@ -8,7 +8,7 @@ times. Each model trains through the trainer's own iteration (megatron/training/
 _Trainer.train_step, which takes the micro-batch from a Batches (DataLoader and collate, over
 the batch's samples held in memory), runs forward_step of megatron/training/retro.py (forward,
 LM loss), backward, grad-norm clipping, AdamW and the LR scheduler, and averages the metrics;
-then _Interval.add, the loop's per-step share of logging. After --warmup iterations one runs
+then Interval.add, the loop's per-step share of logging. After --warmup iterations one runs
 under torch.profiler, and its self CPU time is summed per part:
 
   decoder self-attention  layers.N.attention and attention_norm (RoPE rotation included)
@@ -22,7 +22,7 @@ under torch.profiler, and its self CPU time is summed per part:
   optimizer step          AdamW's step and zero_grad, the LR scheduler
   grad-norm/clip          clip_grad_norm_
   data                    Batches.next
-  metrics/logging         _add_metrics, _average (its .tolist()), _Interval.add
+  metrics/logging         add_metrics, average (its .tolist()), Interval.add
   other                   the rest: residual adds, Python between ops, autograd's own work
 
 Nothing is labelled inside the model: the benchmark wraps module forwards and a few functions in
@@ -62,7 +62,8 @@ from megatron.training.config import Config, TrainingConfig
 from megatron.training.lr_schedule import LRScheduler
 from megatron.training.optimizer import build_optimizer
 from megatron.training.retro import RetroTrainingConfig, make_forward_step
-from megatron.training.trainer import _Interval, _Trainer
+from megatron.training.metrics import Interval
+from megatron.training.trainer import _Trainer
 # benchmarks/retro_vs_gpt.py, beside this file (a script's directory is on sys.path).
 from retro_vs_gpt import add_size_args, build_models, check_size, random_batch, sizes_from_args, timed_steps
 
@@ -118,15 +119,15 @@ def module_labels(model: torch.nn.Module) -> list[tuple]:
     return labels
 
 
-def trainer_labels(trainer: _Trainer, batches: Batches, interval: _Interval) -> list[tuple]:
+def trainer_labels(trainer: _Trainer, batches: Batches, interval: Interval) -> list[tuple]:
     """The functions the iteration calls outside the model, and RoPE tables built inside it."""
     return [
         (megatron.models.retro.encoder, "rope_tables", ROPE),
         (megatron.models.retro.chunked_cross_attention, "rope_tables", ROPE),
         (megatron.training.retro, "lm_loss", EMBED),
         (torch.nn.utils, "clip_grad_norm_", CLIP),
-        (megatron.training.trainer, "_add_metrics", METRICS),
-        (megatron.training.trainer, "_average", METRICS),
+        (megatron.training.trainer, "add_metrics", METRICS),
+        (megatron.training.trainer, "average", METRICS),
         (interval, "add", METRICS),
         (batches, "next", DATA),
         (trainer.scheduler, "step", OPTIMIZER),
@@ -159,7 +160,7 @@ class _Samples(torch.utils.data.Dataset):
 
 
 def trainer_for(model, cfg, rcfg, batch: dict, iterations: int):
-    """The trainer's objects for `model` on one process: (_Trainer, Batches, _Interval)."""
+    """The trainer's objects for `model` on one process: (_Trainer, Batches, Interval)."""
     retro = isinstance(model, RetroModel)
     b = batch["text"].shape[0]
     config = Config(model=cfg, training=TrainingConfig(micro_batch_size=b, train_iters=iterations, lr=1e-4),
@@ -172,7 +173,7 @@ def trainer_for(model, cfg, rcfg, batch: dict, iterations: int):
     samples = _Samples(batch if retro else {"text": batch["text"]}, b * iterations)
     batches = Batches(samples, micro_batch_size=b, consumed=0, dp_rank=0, dp_size=1, num_workers=0,
                       seed=config.training.seed, cyclic=True, device=env.device)
-    interval = _Interval(tokens_per_iteration=b * cfg.seq_length, flops_per_token=0.0, world_size=1, peak=None)
+    interval = Interval(tokens_per_iteration=b * cfg.seq_length, flops_per_token=0.0, world_size=1, peak=None)
     return trainer, batches, interval
 
 

@@ -40,10 +40,11 @@ from megatron.models.loss import LM_LOSS
 from megatron.parallel.layout import DistEnv, Parallelized, resolve_batch_sizes
 from megatron.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron.training.config import Config
-from megatron.training.flops import BestPeak, FixedPeak, mfu_peak
+from megatron.training.flops import mfu_peak
 from megatron.training.initialize import initialize_distributed, pipeline_rank, set_random_seed
 from megatron.training.logging import Writers, build_writers, format_train_line, format_validation_line
 from megatron.training.lr_schedule import LRScheduler
+from megatron.training.metrics import Interval, add_metrics, average
 from megatron.training.optimizer import build_optimizer
 
 
@@ -99,24 +100,6 @@ def _grad_sync(model: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
-def _average(sums: dict[str, torch.Tensor], count: int, par: Parallelized) -> dict[str, float]:
-    """Means over `count` local contributions and over the data-parallel ranks, as floats."""
-    if not sums:
-        return {}
-    names = list(sums)
-    values = torch.stack([sums[n].detach().float().reshape(()) for n in names]) / count
-    if par.dp_size > 1:
-        dist.all_reduce(values, group=par.dp_group)  # SUM: gloo has no AVG
-        values /= par.dp_size
-    return dict(zip(names, values.tolist()))
-
-
-def _add_metrics(sums: dict, metrics: dict):
-    for name, value in metrics.items():
-        value = torch.as_tensor(value).detach().float()
-        sums[name] = sums[name] + value if name in sums else value
-
-
 class _Trainer:
     def __init__(self, cfg: Config, env: DistEnv, par: Parallelized, forward_step: Callable,
                  optimizer, scheduler, num_micro: int):
@@ -150,7 +133,7 @@ class _Trainer:
                     with self.autocast():
                         loss, metrics = self.forward_step(self.model, batch)
                     (loss / self.num_micro).backward()
-                _add_metrics(sums, metrics)
+                add_metrics(sums, metrics)
             count = self.num_micro
             grad_norm = nn.utils.clip_grad_norm_(self.params, max_norm=max_norm)
             if hasattr(grad_norm, "full_tensor"):  # DTensor parameters give a DTensor norm
@@ -162,7 +145,7 @@ class _Trainer:
             self.scheduler.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
-        return _average(sums, count, self.par), grad_norm, applied
+        return average(sums, count, self.par), grad_norm, applied
 
     @torch.no_grad()
     def evaluate(self, batches: Batches, eval_iters: int) -> dict[str, float]:
@@ -176,9 +159,9 @@ class _Trainer:
                 else:
                     with self.par.loss_context():
                         _, metrics = self.forward_step(self.model, batches.next())
-            _add_metrics(sums, metrics)
+            add_metrics(sums, metrics)
         self.model.train()
-        return _average(sums, eval_iters if pipe is not None else eval_iters * self.num_micro, self.par)
+        return average(sums, eval_iters if pipe is not None else eval_iters * self.num_micro, self.par)
 
 
 def evaluate_dataset(cfg: Config, env: DistEnv, par: Parallelized, forward_step: Callable, dataset,
@@ -190,47 +173,6 @@ def evaluate_dataset(cfg: Config, env: DistEnv, par: Parallelized, forward_step:
     num_micro = resolve_batch_sizes(cfg, par.dp_size)
     trainer = _Trainer(cfg, env, par, forward_step, optimizer=None, scheduler=None, num_micro=num_micro)
     return trainer.evaluate(_batches(dataset, cfg, par, 0, cyclic=False, device=env.device), num_iters)
-
-
-class _Interval:
-    """What one log line reports: metrics averaged over the iterations since the last line (skipped
-    ones included: their loss was computed), and throughput over the time spent in train steps
-    (evaluation and checkpointing excluded)."""
-
-    def __init__(self, tokens_per_iteration: int, flops_per_token: float, world_size: int,
-                 peak: FixedPeak | BestPeak | None):
-        self.tokens_per_iteration = tokens_per_iteration
-        self.flops_per_token = flops_per_token
-        self.world_size = world_size
-        self.peak = peak
-        self._reset()
-
-    def _reset(self):
-        self.sums, self.seconds, self.iterations, self.skipped, self.nan = {}, 0.0, 0, 0, 0
-
-    def add(self, metrics: dict[str, float], seconds: float, applied: bool):
-        _add_metrics(self.sums, metrics)
-        self.seconds += seconds
-        self.iterations += 1
-        self.skipped += not applied
-        self.nan += not math.isfinite(metrics.get(LM_LOSS, 0.0))
-
-    def close(self) -> tuple[dict[str, float], dict]:
-        averaged = {name: float(value) / self.iterations for name, value in self.sums.items()}
-        tokens_per_second = self.iterations * self.tokens_per_iteration / self.seconds
-        flops_per_device = tokens_per_second * self.flops_per_token / self.world_size
-        mfu, peak_note = self.peak.mfu(flops_per_device) if self.peak else (None, None)
-        throughput = {
-            "elapsed_ms": 1000.0 * self.seconds / self.iterations,
-            "tokens_per_second": tokens_per_second,
-            "tflops_per_device": flops_per_device / 1e12,
-            "mfu": mfu,
-            "peak_note": peak_note,  # a log field when the peak changed, else None
-            "skipped": self.skipped,
-            "nan": self.nan,
-        }
-        self._reset()
-        return averaged, throughput
 
 
 def _sync(device: torch.device):
@@ -323,7 +265,7 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
             say(peak_line)
 
     trainer = _Trainer(cfg, env, par, forward_step, optimizer, scheduler, num_micro)
-    interval = _Interval(tokens_per_iteration=gbs * cfg.model.seq_length, flops_per_token=flops_per_token,
+    interval = Interval(tokens_per_iteration=gbs * cfg.model.seq_length, flops_per_token=flops_per_token,
                          world_size=env.world_size, peak=peak)
     train_history, validation_history, last_metrics = [], [], {}
     last_saved = last_evaluated = state.iteration

@@ -134,12 +134,3 @@ def test_cpu_peak_is_measured_then_remeasured_in_short_bursts(monkeypatch):
         peak.mfu(0.5e11)
     assert len(calls) == 2 and calls[1] < 0.1 and peak.flops == 2e11
 
-
-def test_log_interval_reports_mfu_against_the_best_peak_and_names_a_new_one():
-    from megatron.training.trainer import _Interval
-    interval = _Interval(tokens_per_iteration=100, flops_per_token=1e9, world_size=1, peak=BestPeak(2e13))
-    interval.add({"lm loss": 1.0}, seconds=0.01, applied=True)  # 1e13 FLOP/s
-    assert interval.close()[1]["mfu"] == 0.5
-    interval.add({"lm loss": 1.0}, seconds=0.004, applied=True)  # 2.5e13 FLOP/s: beat the peak
-    throughput = interval.close()[1]
-    assert throughput["mfu"] == 1.0 and throughput["peak_note"].startswith("MFU peak: 25.000 TFLOP/s")
