@@ -5,7 +5,7 @@ Run: python benchmarks/profile_step.py [--sizes default 512] [--warmup 2] [--tim
 
 The sizes, models and random batches are benchmarks/retro_vs_gpt.py's, so this explains its step
 times. Each model trains through the trainer's own iteration (megatron/training/trainer.py):
-_Trainer.train_step, which takes the micro-batch from a Batches (DataLoader and collate, over
+Trainer.train_step, which takes the micro-batch from its Batches (DataLoader and collate, over
 the batch's samples held in memory), runs forward_step of megatron/training/retro.py (forward,
 LM loss), backward, grad-norm clipping, AdamW and the LR scheduler, and averages the metrics;
 then Interval.add, the loop's per-step share of logging. After --warmup iterations one runs
@@ -42,6 +42,7 @@ import argparse
 import collections
 import contextlib
 import functools
+import io
 import os
 import re
 import statistics
@@ -55,15 +56,12 @@ import megatron.models.retro.chunked_cross_attention
 import megatron.models.retro.encoder
 import megatron.training.retro
 import megatron.training.trainer
-from megatron.data.batches import Batches
 from megatron.models.retro.model import RetroModel
-from megatron.parallel.layout import DistEnv, Parallelized, resolve_batch_sizes
+from megatron.parallel.layout import DistEnv
 from megatron.training.config import Config, TrainingConfig
-from megatron.training.lr_schedule import LRScheduler
-from megatron.training.optimizer import build_optimizer
-from megatron.training.retro import RetroTrainingConfig, make_forward_step
 from megatron.training.metrics import Interval
-from megatron.training.trainer import _Trainer
+from megatron.training.retro import RetroTrainingConfig, make_forward_step
+from megatron.training.trainer import Trainer
 # benchmarks/retro_vs_gpt.py, beside this file (a script's directory is on sys.path).
 from retro_vs_gpt import add_size_args, build_models, check_size, random_batch, sizes_from_args, timed_steps
 
@@ -119,7 +117,7 @@ def module_labels(model: torch.nn.Module) -> list[tuple]:
     return labels
 
 
-def trainer_labels(trainer: _Trainer, batches: Batches, interval: Interval) -> list[tuple]:
+def trainer_labels(trainer: Trainer, interval: Interval) -> list[tuple]:
     """The functions the iteration calls outside the model, and RoPE tables built inside it."""
     return [
         (megatron.models.retro.encoder, "rope_tables", ROPE),
@@ -129,7 +127,7 @@ def trainer_labels(trainer: _Trainer, batches: Batches, interval: Interval) -> l
         (megatron.training.trainer, "add_metrics", METRICS),
         (megatron.training.trainer, "average", METRICS),
         (interval, "add", METRICS),
-        (batches, "next", DATA),
+        (trainer.train_batches, "next", DATA),
         (trainer.scheduler, "step", OPTIMIZER),
     ]
 
@@ -159,22 +157,20 @@ class _Samples(torch.utils.data.Dataset):
         return self.samples[i % len(self.samples)]
 
 
-def trainer_for(model, cfg, rcfg, batch: dict, iterations: int):
-    """The trainer's objects for `model` on one process: (_Trainer, Batches, Interval)."""
+def trainer_for(model, cfg, rcfg, batch: dict, iterations: int) -> tuple[Trainer, Interval]:
+    """The trainer for `model` on one process, built as pretrain builds it (its start-up lines
+    silenced) on `batch`'s samples, and the log interval its iterations add to."""
     retro = isinstance(model, RetroModel)
     b = batch["text"].shape[0]
     config = Config(model=cfg, training=TrainingConfig(micro_batch_size=b, train_iters=iterations, lr=1e-4),
                     extra={"retro": RetroTrainingConfig(add_retriever=retro, model=rcfg)})
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
-    par = Parallelized(model)
-    optimizer = build_optimizer(model, config.training)
-    trainer = _Trainer(config, env, par, make_forward_step(config), optimizer, LRScheduler(optimizer, config.training),
-                       resolve_batch_sizes(config, par.dp_size))
     samples = _Samples(batch if retro else {"text": batch["text"]}, b * iterations)
-    batches = Batches(samples, micro_batch_size=b, consumed=0, dp_rank=0, dp_size=1, num_workers=0,
-                      seed=config.training.seed, cyclic=True, device=env.device)
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = Trainer(config, lambda _: model, make_forward_step(config), lambda *_: (samples, None, None),
+                          env=env)
     interval = Interval(tokens_per_iteration=b * cfg.seq_length, flops_per_token=0.0, world_size=1, peak=None)
-    return trainer, batches, interval
+    return trainer, interval
 
 
 def backward_node(event):
@@ -242,10 +238,10 @@ def attribute(prof: profile) -> tuple[dict[str, float], dict[str, float]]:
 
 def profile_model(model, cfg, rcfg, batch: dict, args) -> dict:
     """Warm-up, interleaved timing of trainer iterations and bare steps, one profiled iteration."""
-    trainer, batches, interval = trainer_for(model, cfg, rcfg, batch, args.warmup + 2 * args.timed_steps + 2)
+    trainer, interval = trainer_for(model, cfg, rcfg, batch, args.warmup + 2 * args.timed_steps + 2)
 
     def iteration():
-        metrics, _, applied = trainer.train_step(batches)
+        metrics, _, applied = trainer.train_step(trainer.train_batches)
         interval.add(metrics, 0.0, applied)
 
     def bare_step():
@@ -261,7 +257,7 @@ def profile_model(model, cfg, rcfg, batch: dict, args) -> dict:
     for _ in range(args.timed_steps):
         trainer_s.append(timed_steps(iteration, 1))
         bare_s.append(timed_steps(bare_step, 1))
-    prof = profile_labelled(iteration, module_labels(model) + trainer_labels(trainer, batches, interval))
+    prof = profile_labelled(iteration, module_labels(model) + trainer_labels(trainer, interval))
     parts, other = attribute(prof)
     return {"trainer_s": statistics.median(trainer_s), "bare_s": statistics.median(bare_s),
             "parts": parts, "other": other, "prof": prof}

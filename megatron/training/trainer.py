@@ -2,6 +2,9 @@
 
     pretrain(cfg, model_provider, forward_step, datasets_provider, flops_per_token=...)
 
+builds a `Trainer` (its __init__: seed, model, parallelism, optimizer, checkpoint, data) and runs
+its `train` loop; `evaluate_dataset` evaluates a loaded model the way validation does.
+
 - model_provider(cfg) -> nn.Module, built on this rank's device (it runs under
   `with torch.device(device)`); the trainer calls its `init_weights()` if it has one, then
   `post_init_fn(model, cfg)` if given (e.g. RETRO-fitting loads and freezes a GPT there),
@@ -100,68 +103,35 @@ def _grad_sync(model: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
-class _Trainer:
-    def __init__(self, cfg: Config, env: DistEnv, par: Parallelized, forward_step: Callable,
-                 optimizer, scheduler, num_micro: int):
-        self.cfg, self.env, self.par, self.forward_step = cfg, env, par, forward_step
-        self.model = par.model
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.num_micro = num_micro
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.autocast = lambda: torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.training.bf16)
+def _autocast(cfg: Config, env: DistEnv):
+    return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.training.bf16)
 
-    def _pipelined_batch(self, batches: Batches) -> dict:
-        """This rank's micro-batches of one iteration as one batch; the schedule splits it again."""
-        micro = [batches.next() for _ in range(self.num_micro)]
-        return {k: torch.cat([m[k] for m in micro]) for k in micro[0]}
 
-    def train_step(self, batches: Batches) -> tuple[dict[str, float], float, bool]:
-        """One optimizer step; returns (metrics, grad norm, whether the update was applied)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        clip = self.cfg.training.clip_grad
-        max_norm = clip if clip > 0 else math.inf
-        sums = {}
-        pipe = self.par.pipeline
-        if pipe is not None:
-            with self.autocast():
-                sums, count = pipe.train_step(self._pipelined_batch(batches)), 1
-            grad_norm = pipe.clip_grad_norm_(max_norm)
-        else:
-            for i in range(self.num_micro):
-                batch = batches.next()
-                with _grad_sync(self.model, i == self.num_micro - 1), self.par.loss_context():
-                    with self.autocast():
-                        loss, metrics = self.forward_step(self.model, batch)
-                    (loss / self.num_micro).backward()
-                add_metrics(sums, metrics)
-            count = self.num_micro
-            grad_norm = nn.utils.clip_grad_norm_(self.params, max_norm=max_norm)
-            if hasattr(grad_norm, "full_tensor"):  # DTensor parameters give a DTensor norm
-                grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
-        applied = math.isfinite(grad_norm)
-        if applied:
-            self.optimizer.step()
-            self.scheduler.step()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-        return average(sums, count, self.par), grad_norm, applied
+def _iteration_batch(batches: Batches, num_micro: int) -> dict:
+    """This rank's micro-batches of one iteration as one batch; the pipeline's schedule splits it again."""
+    micro = [batches.next() for _ in range(num_micro)]
+    return {k: torch.cat([m[k] for m in micro]) for k in micro[0]}
 
-    @torch.no_grad()
-    def evaluate(self, batches: Batches, eval_iters: int) -> dict[str, float]:
-        self.model.eval()
-        sums = {}
-        pipe = self.par.pipeline
-        for _ in range(eval_iters if pipe is not None else eval_iters * self.num_micro):
-            with self.autocast():
-                if pipe is not None:  # forward-only schedule over the iteration's micro-batches
-                    metrics = pipe.eval_step(self._pipelined_batch(batches))
-                else:
-                    with self.par.loss_context():
-                        _, metrics = self.forward_step(self.model, batches.next())
-            add_metrics(sums, metrics)
-        self.model.train()
-        return average(sums, eval_iters if pipe is not None else eval_iters * self.num_micro, self.par)
+
+@torch.no_grad()
+def _evaluate(cfg: Config, env: DistEnv, par: Parallelized, forward_step: Callable, batches: Batches,
+              num_iters: int) -> dict[str, float]:
+    """Metrics averaged over `num_iters` iterations' micro-batches of `batches`, forward only."""
+    num_micro = resolve_batch_sizes(cfg, par.dp_size)
+    pipe = par.pipeline
+    steps = num_iters if pipe is not None else num_iters * num_micro
+    par.model.eval()
+    sums = {}
+    for _ in range(steps):
+        with _autocast(cfg, env):
+            if pipe is not None:  # forward-only schedule over the iteration's micro-batches
+                metrics = pipe.eval_step(_iteration_batch(batches, num_micro))
+            else:
+                with par.loss_context():
+                    _, metrics = forward_step(par.model, batches.next())
+        add_metrics(sums, metrics)
+    par.model.train()
+    return average(sums, steps, par)
 
 
 def evaluate_dataset(cfg: Config, env: DistEnv, par: Parallelized, forward_step: Callable, dataset,
@@ -170,9 +140,8 @@ def evaluate_dataset(cfg: Config, env: DistEnv, par: Parallelized, forward_step:
     validation during training is (each data-parallel rank its slice, the pipeline's forward-only
     schedule under pipeline parallelism, vocabulary-parallel loss under TP): for tools that
     evaluate a loaded checkpoint, such as tools/retro/evaluate.py."""
-    num_micro = resolve_batch_sizes(cfg, par.dp_size)
-    trainer = _Trainer(cfg, env, par, forward_step, optimizer=None, scheduler=None, num_micro=num_micro)
-    return trainer.evaluate(_batches(dataset, cfg, par, 0, cyclic=False, device=env.device), num_iters)
+    return _evaluate(cfg, env, par, forward_step, _batches(dataset, cfg, par, 0, cyclic=False, device=env.device),
+                     num_iters)
 
 
 def _sync(device: torch.device):
@@ -191,6 +160,226 @@ def _print_config(cfg: Config):
     print("-------------------- end of arguments ---------------------", flush=True)
 
 
+class Trainer:
+    """One run as `cfg` says: __init__ builds it (seed, model and its weights, post_init_fn,
+    parallelism, optimizer, scheduler, checkpoint, data) in that order, which the RNG streams and
+    the log lines follow; `train` runs the loop. The arguments are pretrain's."""
+
+    def __init__(self, cfg: Config, model_provider: Callable, forward_step: Callable, datasets_provider: Callable, *,
+                 flops_per_token: float | None = None, parallelize_fn: Callable = data_parallel,
+                 env: DistEnv | None = None, post_init_fn: Callable | None = None):
+        self.cfg, self.forward_step = cfg, forward_step
+        self.env = env or initialize_distributed(cfg.parallel)
+        self.flops_per_token = gpt_flops_per_token(cfg.model) if flops_per_token is None else flops_per_token
+        model = self._build_model(model_provider, post_init_fn)
+        num_params = sum(p.numel() for p in model.parameters())
+        self.par = parallelize_fn(model, cfg, self.env)
+        self.num_micro = resolve_batch_sizes(cfg, self.par.dp_size)
+        self._announce(num_params)
+        self.config_dict = asdict(cfg)
+        # Before the optimizer and the data, so that a missing wandb package fails the run early.
+        self.writers = build_writers(cfg.logging, cfg.checkpoint.save, self.config_dict) \
+            if self.env.is_last_rank else Writers([])
+        self.optimizer = build_optimizer(self.par.model, cfg.training)
+        self.scheduler = LRScheduler(self.optimizer, cfg.training)
+        self.state = self._load()
+        self.params = [p for p in self.par.model.parameters() if p.requires_grad]
+        self.train_batches, self.valid_batches = self._build_data(datasets_provider)
+        self.train_history, self.validation_history = [], []
+        self.last_saved = self.last_evaluated = self.state.iteration
+
+    def _say(self, msg: str):
+        if self.env.is_last_rank:
+            print(msg, flush=True)
+
+    def _build_model(self, model_provider: Callable, post_init_fn: Callable | None) -> nn.Module:
+        seed, pp = self.cfg.training.seed, self.cfg.parallel.pipeline_model_parallel_size
+        # Every pipeline rank builds the same full model (its stages are cut from it, and copies of
+        # shared weights must start equal); Megatron's per-stage seeds apply from then on (dropout).
+        set_random_seed(seed)
+        with torch.device(self.env.device):
+            model = model_provider(self.cfg)
+        if hasattr(model, "init_weights"):
+            # Reseeded: construction drew from the generator too, as many times as the model has
+            # parameters, so a RETRO would otherwise start from other decoder weights than its GPT.
+            set_random_seed(seed)
+            model.init_weights()
+        if pp > 1:
+            set_random_seed(seed, pipeline_rank(self.env, pp))
+        if post_init_fn is not None:
+            post_init_fn(model, self.cfg)
+        return model
+
+    def _announce(self, num_params: int):
+        if self.env.is_last_rank:
+            _print_config(self.cfg)
+        self._say(f" > number of parameters: {num_params} on {self.env.world_size} process(es), device "
+                  f"{self.env.device}, data-parallel size {self.par.dp_size}, {self.num_micro} micro-batch(es) "
+                  f"per iteration")
+
+    def _load(self) -> TrainState:
+        """The checkpoint's state (the model, optimizer, scheduler and RNG streams restored), or a fresh one."""
+        ck = self.cfg.checkpoint
+        if not ck.load:
+            return TrainState()
+        loaded = load_checkpoint(ck.load, self.par.model, self.optimizer, self.scheduler, step=ck.ckpt_step,
+                                 load_optim=not ck.no_load_optim, load_rng=not ck.no_load_rng,
+                                 model_config=asdict(self.cfg.model), add_retriever=_is_retro(self.cfg))
+        if loaded is None:
+            self._say(f"WARNING: no checkpoint found in {ck.load}; training from scratch")
+            return TrainState()
+        self._say(f" > loaded checkpoint from {ck.load} at iteration {loaded.iteration} "
+                  f"(consumed samples: {loaded.consumed_train_samples})")
+        return loaded
+
+    def _build_data(self, datasets_provider: Callable) -> tuple[Batches, Batches | None]:
+        """Train batches from the first sample not trained on; validation batches (None when there
+        is no validation) continue where the last evaluation stopped."""
+        t = self.cfg.training
+        self._say(" > building train, validation, and test datasets ...")
+        train_ds, valid_ds, _ = datasets_provider(self.cfg, sample_counts(self.cfg))
+        if train_ds is None:
+            raise ValueError(f"no training data: --split {self.cfg.data.split} leaves the train split empty")
+        train = _batches(train_ds, self.cfg, self.par, self.state.consumed_train_samples, cyclic=False,
+                         device=self.env.device)
+        if valid_ds is None or t.eval_iters <= 0:
+            return train, None
+        return train, _batches(valid_ds, self.cfg, self.par, self.state.consumed_valid_samples % len(valid_ds),
+                               cyclic=True, device=self.env.device)
+
+    def train_step(self, batches: Batches) -> tuple[dict[str, float], float, bool]:
+        """One optimizer step; returns (metrics, grad norm, whether the update was applied)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        clip = self.cfg.training.clip_grad
+        max_norm = clip if clip > 0 else math.inf
+        pipe = self.par.pipeline
+        if pipe is not None:
+            with _autocast(self.cfg, self.env):
+                sums, count = pipe.train_step(_iteration_batch(batches, self.num_micro)), 1
+            grad_norm = pipe.clip_grad_norm_(max_norm)
+        else:
+            sums, count = self._forward_backward(batches), self.num_micro
+            grad_norm = nn.utils.clip_grad_norm_(self.params, max_norm=max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # DTensor parameters give a DTensor norm
+                grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        applied = math.isfinite(grad_norm)
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        return average(sums, count, self.par), grad_norm, applied
+
+    def _forward_backward(self, batches: Batches) -> dict:
+        """Gradients of one iteration's micro-batches, accumulated; returns their metrics' sums."""
+        model, sums = self.par.model, {}
+        for i in range(self.num_micro):
+            batch = batches.next()
+            with _grad_sync(model, i == self.num_micro - 1), self.par.loss_context():
+                with _autocast(self.cfg, self.env):
+                    loss, metrics = self.forward_step(model, batch)
+                (loss / self.num_micro).backward()
+            add_metrics(sums, metrics)
+        return sums
+
+    def validate(self, suffix: str = ""):
+        t, state = self.cfg.training, self.state
+        metrics = _evaluate(self.cfg, self.env, self.par, self.forward_step, self.valid_batches, t.eval_iters)
+        state.consumed_valid_samples += t.eval_iters * t.global_batch_size
+        self.last_evaluated = state.iteration
+        self.validation_history.append((state.iteration, metrics))
+        line = format_validation_line(state.iteration, metrics, LM_LOSS, suffix)
+        self._say("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
+        self.writers.validation(state.iteration, state.consumed_train_samples, metrics, LM_LOSS)
+
+    def save(self):
+        ck, iteration = self.cfg.checkpoint, self.state.iteration
+        # Megatron's line before the save too: a run killed while saving says where it was.
+        self._say(f"saving checkpoint at iteration {iteration:7d} to {ck.save}")
+        save_checkpoint(ck.save, self.state, self.par.model, self.optimizer, self.scheduler, self.config_dict,
+                        keep_last_n=ck.keep_last_n)
+        self.last_saved = iteration
+        self._say(f"  successfully saved checkpoint at iteration {iteration:7d} to {ck.save}")
+
+    def log(self, interval: Interval, learning_rate: float, grad_norm: float):
+        """The log interval's line, and its scalars for TensorBoard/wandb."""
+        t, state = self.cfg.training, self.state
+        averaged, throughput = interval.close()
+        self.train_history.append((state.iteration, averaged))
+        line = format_train_line(
+            iteration=state.iteration, train_iters=t.train_iters, consumed_samples=state.consumed_train_samples,
+            elapsed_ms=throughput["elapsed_ms"], learning_rate=learning_rate, global_batch_size=t.global_batch_size,
+            metrics=averaged, grad_norm=grad_norm, skipped_iterations=throughput["skipped"],
+            nan_iterations=throughput["nan"], tokens_per_second=throughput["tokens_per_second"],
+            tflops_per_device=throughput["tflops_per_device"], mfu=throughput["mfu"])
+        # After Megatron's fields, so its parsers still read the line.
+        self._say(line + f" {throughput['peak_note']} |" if throughput["peak_note"] else line)
+        self.writers.train(state.iteration, state.consumed_train_samples, learning_rate, averaged, grad_norm,
+                           throughput["tokens_per_second"], throughput["tflops_per_device"], throughput["mfu"])
+
+    def _interval(self) -> Interval:
+        """The log interval's accounting; MFU on the last rank only, the one that logs."""
+        t, peak = self.cfg.training, None
+        if self.env.is_last_rank:
+            dtype = torch.bfloat16 if t.bf16 else torch.float32
+            peak, peak_line = mfu_peak(self.env.device, dtype, self.cfg.logging.peak_tflops)
+            if peak_line:
+                self._say(peak_line)
+        return Interval(tokens_per_iteration=t.global_batch_size * self.cfg.model.seq_length,
+                        flops_per_token=self.flops_per_token, world_size=self.env.world_size, peak=peak)
+
+    def _iteration(self, interval: Interval) -> dict[str, float]:
+        """One train step, then what falls due at its end: log line, validation, checkpoint."""
+        t, ck, state = self.cfg.training, self.cfg.checkpoint, self.state
+        learning_rate = self.scheduler.current_lr()
+        _sync(self.env.device)  # time the step alone, not work queued before it
+        start = time.perf_counter()
+        metrics, grad_norm, applied = self.train_step(self.train_batches)
+        _sync(self.env.device)
+        interval.add(metrics, time.perf_counter() - start, applied)
+        state.iteration += 1
+        state.consumed_train_samples += t.global_batch_size
+        if state.iteration % self.cfg.logging.log_interval == 0:
+            self.log(interval, learning_rate, grad_norm)
+        if self.valid_batches is not None and state.iteration % t.eval_interval == 0:
+            self.validate()
+        if ck.save and ck.save_interval and state.iteration % ck.save_interval == 0:
+            self.save()
+        return metrics
+
+    def train(self) -> dict:
+        """Up to --train-iters (or --exit-interval), then a last checkpoint and validation where the
+        loop's last iteration had none; returns pretrain's summary."""
+        t, ck = self.cfg.training, self.cfg.checkpoint
+        interval = self._interval()
+        self._say(" > training ...")
+        self.par.model.train()
+        last_metrics = {}
+        while self.state.iteration < t.train_iters:
+            last_metrics = self._iteration(interval)
+            if t.exit_interval and self.state.iteration % t.exit_interval == 0:
+                self._say(f" > exiting at iteration {self.state.iteration} (--exit-interval {t.exit_interval})")
+                break
+        if ck.save and self.last_saved != self.state.iteration:
+            self.save()
+        if self.valid_batches is not None and self.last_evaluated != self.state.iteration:
+            self.validate(" on validation set")
+        self.writers.close()
+        return self._summary(last_metrics)
+
+    def _summary(self, last_metrics: dict[str, float]) -> dict:
+        last_valid = self.validation_history[-1][1] if self.validation_history else {}
+        return {
+            "iteration": self.state.iteration,
+            "consumed_train_samples": self.state.consumed_train_samples,
+            "train_loss": last_metrics.get(LM_LOSS),
+            "validation_loss": last_valid.get(LM_LOSS),
+            "train_history": self.train_history,
+            "validation_history": self.validation_history,
+        }
+
+
 def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, datasets_provider: Callable, *,
              flops_per_token: float | None = None, parallelize_fn: Callable = data_parallel,
              env: DistEnv | None = None, post_init_fn: Callable | None = None) -> dict:
@@ -201,139 +390,5 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
     metrics averaged over the log interval)] at every log line, "validation_history": [(iteration, metrics)]}.
     flops_per_token: training FLOPs per token for TFLOP/s and MFU (default: the GPT formula).
     """
-    env = env or initialize_distributed(cfg.parallel)
-    say = (lambda msg: print(msg, flush=True)) if env.is_last_rank else (lambda msg: None)
-    t, ck, lg = cfg.training, cfg.checkpoint, cfg.logging
-    pp = cfg.parallel.pipeline_model_parallel_size
-    # Every pipeline rank builds the same full model (its stages are cut from it, and copies of
-    # shared weights must start equal); Megatron's per-stage seeds apply from then on (dropout).
-    set_random_seed(t.seed)
-    if flops_per_token is None:
-        flops_per_token = gpt_flops_per_token(cfg.model)
-
-    with torch.device(env.device):
-        model = model_provider(cfg)
-    if hasattr(model, "init_weights"):
-        # Reseeded: construction drew from the generator too, as many times as the model has
-        # parameters, so a RETRO would otherwise start from other decoder weights than its GPT.
-        set_random_seed(t.seed)
-        model.init_weights()
-    if pp > 1:
-        set_random_seed(t.seed, pipeline_rank(env, pp))
-    if post_init_fn is not None:
-        post_init_fn(model, cfg)
-    num_params = sum(p.numel() for p in model.parameters())
-    par = parallelize_fn(model, cfg, env)
-    num_micro = resolve_batch_sizes(cfg, par.dp_size)
-    gbs = t.global_batch_size
-    if env.is_last_rank:
-        _print_config(cfg)
-    say(f" > number of parameters: {num_params} on {env.world_size} process(es), device {env.device}, "
-        f"data-parallel size {par.dp_size}, {num_micro} micro-batch(es) per iteration")
-    config_dict = asdict(cfg)
-    # Before the optimizer and the data, so that a missing wandb package fails the run early.
-    writers = build_writers(lg, ck.save, config_dict) if env.is_last_rank else Writers([])
-
-    optimizer = build_optimizer(par.model, t)
-    scheduler = LRScheduler(optimizer, t)
-    state = TrainState()
-    if ck.load:
-        loaded = load_checkpoint(ck.load, par.model, optimizer, scheduler, step=ck.ckpt_step,
-                                 load_optim=not ck.no_load_optim, load_rng=not ck.no_load_rng,
-                                 model_config=asdict(cfg.model), add_retriever=_is_retro(cfg))
-        if loaded is None:
-            say(f"WARNING: no checkpoint found in {ck.load}; training from scratch")
-        else:
-            state = loaded
-            say(f" > loaded checkpoint from {ck.load} at iteration {state.iteration} "
-                f"(consumed samples: {state.consumed_train_samples})")
-
-    say(" > building train, validation, and test datasets ...")
-    counts = sample_counts(cfg)
-    train_ds, valid_ds, _ = datasets_provider(cfg, counts)
-    if train_ds is None:
-        raise ValueError(f"no training data: --split {cfg.data.split} leaves the train split empty")
-    train_batches = _batches(train_ds, cfg, par, state.consumed_train_samples, cyclic=False, device=env.device)
-    do_eval = valid_ds is not None and t.eval_iters > 0
-    valid_batches = _batches(valid_ds, cfg, par, state.consumed_valid_samples % len(valid_ds), cyclic=True,
-                             device=env.device) if do_eval else None
-
-    peak = None
-    if env.is_last_rank:
-        peak, peak_line = mfu_peak(env.device, torch.bfloat16 if t.bf16 else torch.float32, lg.peak_tflops)
-        if peak_line:
-            say(peak_line)
-
-    trainer = _Trainer(cfg, env, par, forward_step, optimizer, scheduler, num_micro)
-    interval = Interval(tokens_per_iteration=gbs * cfg.model.seq_length, flops_per_token=flops_per_token,
-                         world_size=env.world_size, peak=peak)
-    train_history, validation_history, last_metrics = [], [], {}
-    last_saved = last_evaluated = state.iteration
-
-    def save():
-        nonlocal last_saved
-        # Megatron's line before the save too: a run killed while saving says where it was.
-        say(f"saving checkpoint at iteration {state.iteration:7d} to {ck.save}")
-        save_checkpoint(ck.save, state, par.model, optimizer, scheduler, config_dict, keep_last_n=ck.keep_last_n)
-        last_saved = state.iteration
-        say(f"  successfully saved checkpoint at iteration {state.iteration:7d} to {ck.save}")
-
-    def validate(suffix: str = ""):
-        nonlocal last_evaluated
-        metrics = trainer.evaluate(valid_batches, t.eval_iters)
-        state.consumed_valid_samples += t.eval_iters * gbs
-        last_evaluated = state.iteration
-        validation_history.append((state.iteration, metrics))
-        line = format_validation_line(state.iteration, metrics, LM_LOSS, suffix)
-        say("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
-        writers.validation(state.iteration, state.consumed_train_samples, metrics, LM_LOSS)
-
-    say(" > training ...")
-    par.model.train()
-    while state.iteration < t.train_iters:
-        lr = scheduler.current_lr()
-        _sync(env.device)  # time the step alone, not work queued before it
-        start = time.perf_counter()
-        last_metrics, grad_norm, applied = trainer.train_step(train_batches)
-        _sync(env.device)
-        interval.add(last_metrics, time.perf_counter() - start, applied)
-        state.iteration += 1
-        state.consumed_train_samples += gbs
-
-        if state.iteration % lg.log_interval == 0:
-            averaged, throughput = interval.close()
-            train_history.append((state.iteration, averaged))
-            line = format_train_line(
-                iteration=state.iteration, train_iters=t.train_iters, consumed_samples=state.consumed_train_samples,
-                elapsed_ms=throughput["elapsed_ms"], learning_rate=lr, global_batch_size=gbs, metrics=averaged,
-                grad_norm=grad_norm, skipped_iterations=throughput["skipped"], nan_iterations=throughput["nan"],
-                tokens_per_second=throughput["tokens_per_second"], tflops_per_device=throughput["tflops_per_device"],
-                mfu=throughput["mfu"])
-            # After Megatron's fields, so its parsers still read the line.
-            say(line + f" {throughput['peak_note']} |" if throughput["peak_note"] else line)
-            writers.train(state.iteration, state.consumed_train_samples, lr, averaged, grad_norm,
-                          throughput["tokens_per_second"], throughput["tflops_per_device"], throughput["mfu"])
-
-        if do_eval and state.iteration % t.eval_interval == 0:
-            validate()
-        if ck.save and ck.save_interval and state.iteration % ck.save_interval == 0:
-            save()
-        if t.exit_interval and state.iteration % t.exit_interval == 0:
-            say(f" > exiting at iteration {state.iteration} (--exit-interval {t.exit_interval})")
-            break
-
-    if ck.save and last_saved != state.iteration:
-        save()
-    if do_eval and last_evaluated != state.iteration:
-        validate(" on validation set")
-    writers.close()
-
-    last_valid = validation_history[-1][1] if validation_history else {}
-    return {
-        "iteration": state.iteration,
-        "consumed_train_samples": state.consumed_train_samples,
-        "train_loss": last_metrics.get(LM_LOSS),
-        "validation_loss": last_valid.get(LM_LOSS),
-        "train_history": train_history,
-        "validation_history": validation_history,
-    }
+    return Trainer(cfg, model_provider, forward_step, datasets_provider, flops_per_token=flops_per_token,
+                   parallelize_fn=parallelize_fn, env=env, post_init_fn=post_init_fn).train()

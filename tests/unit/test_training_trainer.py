@@ -12,7 +12,7 @@ from megatron.models.gpt.model import GPTModel
 from megatron.models.loss import LM_LOSS, lm_loss
 from megatron.training.arguments import parse_args
 from megatron.training.initialize import _launcher_env, initialize_distributed
-from megatron.training.trainer import data_parallel, pretrain, sample_counts
+from megatron.training.trainer import Trainer, data_parallel, evaluate_dataset, pretrain, sample_counts
 
 VOCAB = 64
 SEQ = 16
@@ -182,6 +182,15 @@ def test_non_finite_gradients_skip_the_update(capsys):
     frozen = _run("--train-iters", "2", "--eval-iters", "0", "--lr", "0", "--min-lr", "0")
     assert skipped["train_history"] == frozen["train_history"]  # the weights never moved
 
+
+def test_evaluate_dataset_scores_as_validation_does():
+    cfg = _cfg("--eval-iters", "2")
+    trainer = Trainer(cfg, model_provider, forward_step, datasets_provider)
+    trainer.validate()  # from validation sample 0, as evaluate_dataset starts
+    (_, validation), = trainer.validation_history
+    dataset = CountingDataset(sample_counts(cfg)[1])
+    assert evaluate_dataset(cfg, trainer.env, trainer.par, forward_step, dataset, 2) == validation  # exact floats
+    assert trainer.par.model.training
 
 def test_default_parallelism_refuses_what_it_cannot_do():
     env = initialize_distributed(_cfg().parallel, environ={})
