@@ -16,22 +16,22 @@ runs data, tensor and sequence parallel (--tensor-model-parallel-size, --sequenc
 import sys
 
 from megatron.parallel.parallelize import parallelize_fn
-from megatron.training import retro
+from megatron.training import retro_config, retro_data, retro_fit, retro_step
 from megatron.training.arguments import parse_args
 from megatron.training.trainer import pretrain
 
 
 def main(argv=None) -> dict:
     try:
-        cfg = parse_args(argv, extra_args_provider=retro.add_retro_args,
-                         extra_config_provider=retro.retro_config_from_args)
-        retro.prepare(cfg)
+        cfg = parse_args(argv, extra_args_provider=retro_config.add_retro_args,
+                         extra_config_provider=retro_config.retro_config_from_args)
+        retro_data.prepare(cfg)
     except ValueError as e:  # a work dir that does not fit this run: say which field, no traceback
         raise SystemExit(f"error: {e}") from None
-    return pretrain(cfg, retro.model_provider, retro.make_forward_step(cfg),
-                    lambda c, counts: retro.datasets(c, counts),
-                    flops_per_token=retro.flops_per_token(cfg), parallelize_fn=parallelize_fn,
-                    post_init_fn=retro.post_init)
+    return pretrain(cfg, retro_step.model_provider, retro_step.make_forward_step(cfg),
+                    lambda c, counts: retro_data.datasets(c, counts),
+                    flops_per_token=retro_step.flops_per_token(cfg), parallelize_fn=parallelize_fn,
+                    post_init_fn=retro_fit.post_init)
 
 
 if __name__ == "__main__":

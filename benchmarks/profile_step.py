@@ -6,7 +6,7 @@ Run: python benchmarks/profile_step.py [--sizes default 512] [--warmup 2] [--tim
 The sizes, models and random batches are benchmarks/retro_vs_gpt.py's, so this explains its step
 times. Each model trains through the trainer's own iteration (megatron/training/trainer.py):
 Trainer.train_step, which takes the micro-batch from its Batches (DataLoader and collate, over
-the batch's samples held in memory), runs forward_step of megatron/training/retro.py (forward,
+the batch's samples held in memory), runs forward_step of megatron/training/retro_step.py (forward,
 LM loss), backward, grad-norm clipping, AdamW and the LR scheduler, and averages the metrics;
 then Interval.add, the loop's per-step share of logging. After --warmup iterations one runs
 under torch.profiler, and its self CPU time is summed per part:
@@ -54,13 +54,14 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import megatron.models.retro.chunked_cross_attention
 import megatron.models.retro.encoder
-import megatron.training.retro
+import megatron.training.retro_step
 import megatron.training.trainer
 from megatron.models.retro.model import RetroModel
 from megatron.parallel.layout import DistEnv
 from megatron.training.config import Config, TrainingConfig
 from megatron.training.metrics import Interval
-from megatron.training.retro import RetroTrainingConfig, make_forward_step
+from megatron.training.retro_config import RetroTrainingConfig
+from megatron.training.retro_step import make_forward_step
 from megatron.training.trainer import Trainer
 # benchmarks/retro_vs_gpt.py, beside this file (a script's directory is on sys.path).
 from retro_vs_gpt import add_size_args, build_models, check_size, random_batch, sizes_from_args, timed_steps
@@ -122,7 +123,7 @@ def trainer_labels(trainer: Trainer, interval: Interval) -> list[tuple]:
     return [
         (megatron.models.retro.encoder, "rope_tables", ROPE),
         (megatron.models.retro.chunked_cross_attention, "rope_tables", ROPE),
-        (megatron.training.retro, "lm_loss", EMBED),
+        (megatron.training.retro_step, "lm_loss", EMBED),
         (torch.nn.utils, "clip_grad_norm_", CLIP),
         (megatron.training.trainer, "add_metrics", METRICS),
         (megatron.training.trainer, "average", METRICS),

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 
-from megatron.training.retro import MIN_RETRIEVAL_GAIN
+from megatron.training.retro_step import MIN_RETRIEVAL_GAIN
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Flags a --preset changes; any of them given explicitly still wins.

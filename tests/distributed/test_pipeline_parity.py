@@ -89,7 +89,7 @@ def sample(t: torch.Tensor) -> list[float]:
 
 def reference(kind: str, budget: float = 0.0) -> dict:
     """One process: MICRO micro-batches accumulated with loss / MICRO, clip 1.0, AdamW; with a
-    budget, RETRO's loss + budget x mean gate, as megatron/training/retro.py's forward step.
+    budget, RETRO's loss + budget x mean gate, as megatron/training/retro_step.py's forward step.
     RETRO's gate means are averaged over the micro-batches, as the trainer logs them."""
     model = build_model(kind)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)

@@ -13,7 +13,7 @@ from torch.distributed.run import get_args_parser
 
 from megatron.parallel.mesh import MeshShape, mesh_shape
 from megatron.training.arguments import parse_args
-from megatron.training.retro import add_retro_args
+from megatron.training.retro_config import add_retro_args
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "examples" / "retro" / "pretrain_retro.sbatch"

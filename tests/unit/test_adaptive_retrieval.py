@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron.models.retro.config import RetroConfig
-from megatron.training import retro
+from megatron.training import retro_config, retro_step
 from megatron.training.config import Config
 from megatron.transformer.config import ModelConfig
 
@@ -35,14 +35,14 @@ def train(coeff: float, steps: int):
     real forward_step (AdamW, lr 1e-2, batches of 32)."""
     cfg = Config(model=ModelConfig(vocab_size=V, num_layers=2, hidden_size=32, num_attention_heads=2,
                                    seq_length=S, init_method_std=0.1))
-    cfg.extra["retro"] = retro.RetroTrainingConfig(
+    cfg.extra["retro"] = retro_config.RetroTrainingConfig(
         add_retriever=True, budget_loss_coeff=coeff,
         model=RetroConfig(chunk_length=M, num_neighbors=K, decoder_layers=[2], encoder_num_layers=1,
                           attention_gate=True, cca_gate_init=0.5))
     torch.manual_seed(0)
-    model = retro.model_provider(cfg)
+    model = retro_step.model_provider(cfg)
     model.init_weights()
-    forward_step = retro.make_forward_step(cfg)
+    forward_step = retro_step.make_forward_step(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     g = torch.Generator().manual_seed(1)
     gates, metrics = [], {}
@@ -51,7 +51,7 @@ def train(coeff: float, steps: int):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        gates.append(float(metrics[retro.GATE_MEAN]))
+        gates.append(float(metrics[retro_step.GATE_MEAN]))
     return gates, metrics, model.eval()
 
 
@@ -89,8 +89,8 @@ def test_budget_loss_lowers_the_mean_gate_versus_coefficient_zero():
     free, free_metrics, _ = train(0.0, 40)
     paid, paid_metrics, _ = train(1.0, 40)
     assert free[0] == pytest.approx(RetroConfig.attention_gate_init) == paid[0]
-    assert retro.BUDGET_LOSS not in free_metrics
-    assert float(paid_metrics[retro.BUDGET_LOSS]) == pytest.approx(float(paid_metrics[retro.GATE_MEAN]))
+    assert retro_step.BUDGET_LOSS not in free_metrics
+    assert float(paid_metrics[retro_step.BUDGET_LOSS]) == pytest.approx(float(paid_metrics[retro_step.GATE_MEAN]))
     assert paid[-1] < free[-1] - 0.1, (paid[-1], free[-1])
     assert paid[-1] < paid[0] - 0.05
 
@@ -118,10 +118,12 @@ def test_budget_loss_without_a_gate_and_fitting_without_retro_are_refused():
 
     with pytest.raises(SystemExit, match="needs --retro-attention-gate"):
         parse_args(["--retro-work-dir", "unused", "--retro-budget-loss-coeff", "0.5"],
-                   extra_args_provider=retro.add_retro_args, extra_config_provider=retro.retro_config_from_args)
+                   extra_args_provider=retro_config.add_retro_args,
+                   extra_config_provider=retro_config.retro_config_from_args)
     with pytest.raises(SystemExit, match="needs --retro-add-retriever"):
         parse_args(["--retro-work-dir", "unused", "--retro-fit-from", "gpt"],
-                   extra_args_provider=retro.add_retro_args, extra_config_provider=retro.retro_config_from_args)
+                   extra_args_provider=retro_config.add_retro_args,
+                   extra_config_provider=retro_config.retro_config_from_args)
 
 
 # ------------------------------------------------- evaluate.py --overlap-buckets (paper §2.6)

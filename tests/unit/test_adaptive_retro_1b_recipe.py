@@ -21,7 +21,7 @@ from megatron.models.gpt.model import count_parameters
 from megatron.parallel.layout import resolve_batch_sizes
 from megatron.parallel.mesh import MeshShape, mesh_shape
 from megatron.retro.workdir import FORMAT_VERSION, WorkDir
-from megatron.training import retro
+from megatron.training import retro_config, retro_step
 from megatron.training.arguments import build_parser, parse_args
 from megatron.transformer.config import pad_vocab_size
 from tools.preprocess_data import parse_args as parse_preprocess_args
@@ -38,7 +38,7 @@ TOOLS = ["tools/preprocess_data.py", "tools/preprocess_data.py", "tools/retro/pr
 
 
 def _pretrain_parse(argv):
-    return build_parser(retro.add_retro_args).parse_args(argv)
+    return build_parser(retro_config.add_retro_args).parse_args(argv)
 
 
 PARSERS = {"tools/preprocess_data.py": parse_preprocess_args, "tools/retro/preprocess_data.py": parse_workdir_args,
@@ -124,8 +124,8 @@ def test_the_training_command_builds_a_model_of_the_cards_size_and_layout(comman
         json.dump({"format_version": FORMAT_VERSION,
                    "chunk_length": int(flag(workdir, "--retro-gpt-chunk-length")[0])}, f)
     # As pretrain_retro.py parses it; the vocabulary padded as build_run_tokenizer pads it.
-    cfg = parse_args(train, extra_args_provider=retro.add_retro_args,
-                     extra_config_provider=retro.retro_config_from_args)
+    cfg = parse_args(train, extra_args_provider=retro_config.add_retro_args,
+                     extra_config_provider=retro_config.retro_config_from_args)
     cfg.model.vocab_size = pad_vocab_size(
         GPT2_VOCAB, cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size)
     rc = cfg.extra["retro"]
@@ -136,12 +136,12 @@ def test_the_training_command_builds_a_model_of_the_cards_size_and_layout(comman
     assert rc.no_retrieval_prob == rc.random_retrieval_prob == 0.1
 
     with torch.device("meta"):
-        model = retro.model_provider(cfg)
+        model = retro_step.model_provider(cfg)
     n = count_parameters(model)
     print(f"RetroModel parameters: {n:,} (card: {CARD_PARAMETERS:,}, {(n - CARD_PARAMETERS) / CARD_PARAMETERS:+.2%})")
     assert abs(n - CARD_PARAMETERS) <= 0.01 * CARD_PARAMETERS
 
-    flops, gpt_flops = retro.flops_per_token(cfg), gpt_flops_per_token(cfg.model)
+    flops, gpt_flops = retro_step.flops_per_token(cfg), gpt_flops_per_token(cfg.model)
     print(f"training FLOPs per token: RETRO {flops / 1e9:.2f} G, GPT of the same decoder {gpt_flops / 1e9:.2f} G")
     assert flops > gpt_flops > 0
 

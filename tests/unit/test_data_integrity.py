@@ -14,9 +14,10 @@ from megatron.data.builder import check_token_ids, max_token_cache_path
 from megatron.data.indexed_dataset import (FINGERPRINT_PAGE_BYTES, FINGERPRINT_PAGES, IndexedDataset,
                                            IndexedDatasetBuilder, content_fingerprint)
 from megatron.data.tokenizers import build_tokenizer
+from megatron.retro.neighbors import load_neighbors
 from megatron.retro.tasks import describe_build
 from megatron.retro.workdir import WorkDir, write_json
-from megatron.training import retro
+from megatron.training import retro_config, retro_data
 from megatron.training.arguments import parse_args
 from pretrain_gpt import main as pretrain_gpt
 from tools.preprocess_data import preprocess
@@ -59,7 +60,8 @@ def training_config(data, wd, prefix=None):
     return parse_args(["--retro-add-retriever", "--retro-work-dir", str(wd), "--micro-batch-size", "2",
                        "--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
                        *common_args(data, prefix)],
-                      extra_args_provider=retro.add_retro_args, extra_config_provider=retro.retro_config_from_args)
+                      extra_args_provider=retro_config.add_retro_args,
+                      extra_config_provider=retro_config.retro_config_from_args)
 
 
 def rewrite_tokens_in_place(prefix, vocab_size, start=0, stop=None):
@@ -73,13 +75,13 @@ def test_data_changed_in_place_under_a_work_dir_is_refused_naming_the_file(data,
     wd = built_work_dir(data, "wd_fingerprint")
     recorded = json.loads((wd / "config.json").read_text())["dataset_fingerprints"]
     assert recorded == {data["prefix"]: content_fingerprint(data["prefix"])}
-    retro.prepare(training_config(data, wd))  # training (and evaluate.py) start: unchanged data passes
+    retro_data.prepare(training_config(data, wd))  # training (and evaluate.py) start: unchanged data passes
 
     original = open(data["prefix"] + ".bin", "rb").read()
     try:
         rewrite_tokens_in_place(data["prefix"], 400)
         with pytest.raises(ValueError, match=f"{data['prefix']}.bin .*content changed since the retro work dir"):
-            retro.prepare(training_config(data, wd))
+            retro_data.prepare(training_config(data, wd))
     finally:
         with open(data["prefix"] + ".bin", "wb") as f:
             f.write(original)
@@ -126,7 +128,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_at_start_up_naming_the_fil
     assert os.path.isfile(max_token_cache_path(outside, str(tmp_path)))  # --data-cache-path reaches it
     wd = built_work_dir(data, "wd_vocab", outside)
     with pytest.raises(ValueError, match=message):
-        retro.prepare(training_config(data, wd, outside))
+        retro_data.prepare(training_config(data, wd, outside))
 
 
 VOCAB = 1000
@@ -246,11 +248,11 @@ def test_a_truncated_or_foreign_neighbour_file_is_named(tmp_path):
     wd = WorkDir(str(tmp_path))
     os.makedirs(wd.neighbors_dir)
     np.save(wd.neighbors("train"), np.zeros((50, 4, 2), dtype=np.int64))
-    assert retro.load_neighbors(wd.root, "train").shape == (50, 4, 2)
+    assert load_neighbors(wd.root, "train").shape == (50, 4, 2)
     with open(wd.neighbors("train"), "r+b") as f:
         f.truncate(os.path.getsize(wd.neighbors("train")) // 2)
     with pytest.raises(ValueError, match=f"{wd.neighbors('train')}: damaged neighbour file"):
-        retro.load_neighbors(wd.root, "train")
+        load_neighbors(wd.root, "train")
     np.save(wd.neighbors("train"), np.zeros((50, 4), dtype=np.float32))
     with pytest.raises(ValueError, match=f"{wd.neighbors('train')}: expected int64"):
-        retro.load_neighbors(wd.root, "train")
+        load_neighbors(wd.root, "train")

@@ -238,7 +238,7 @@ def test_text_generation_tool_shows_neighbours_for_each_chunk(workspace, tmp_pat
     from megatron.models.retro.config import RetroConfig as RC
     from megatron.training.checkpointing import TrainState, save_checkpoint
     from megatron.training.config import Config
-    from megatron.training.retro import RetroTrainingConfig
+    from megatron.training.retro_config import RetroTrainingConfig
 
     tokenizer = build_tokenizer("HuggingFaceTokenizer", str(workspace["tokenizer"]))
     model = retro_for_workdir(128 * -(-tokenizer.vocab_size // 128))
@@ -272,7 +272,7 @@ def workdir_retro_and_config(workspace, gate=False):
     from megatron.data.config import DataConfig
     from megatron.data.tokenizers import build_tokenizer
     from megatron.training.config import Config, TrainingConfig
-    from megatron.training.retro import RetroTrainingConfig
+    from megatron.training.retro_config import RetroTrainingConfig
 
     tokenizer = build_tokenizer("HuggingFaceTokenizer", str(workspace["tokenizer"]))
     model = retro_for_workdir(128 * -(-tokenizer.vocab_size // 128), gate=gate)
@@ -290,7 +290,7 @@ def test_evaluate_overlap_buckets_partition_the_chunks_and_their_loss(workspace,
     """evaluate.py --overlap-buckets (and --copy-probe) on the same work dir (it lives here for
     the fixture): the buckets hold every scored chunk once, and their chunk-weighted losses give
     back the mean loss over the scored positions of a direct forward."""
-    from megatron.training import retro
+    from megatron.training import retro_checkpoint, retro_data
     from megatron.training.checkpointing import TrainState, save_checkpoint
     from megatron.training.copy_probe import copy_probe
     from megatron.training.trainer import sample_counts
@@ -316,9 +316,10 @@ def test_evaluate_overlap_buckets_partition_the_chunks_and_their_loss(workspace,
     off = sum(b["lm_loss_off"] * b["chunks"] for b in buckets.values() if b["chunks"]) / scored
 
     # The same samples by hand: chunk 1's tokens are predicted at positions 63 .. 126.
-    cfg = retro.config_from_checkpoint(str(tmp_path / "ckpt" / "iter_0000004"), str(workspace["work_dir"]))
-    retro.prepare(cfg)
-    _, valid, _ = retro.datasets(cfg, sample_counts(cfg), retrieval="on", training=False)
+    cfg = retro_checkpoint.config_from_checkpoint(str(tmp_path / "ckpt" / "iter_0000004"),
+                                               str(workspace["work_dir"]))
+    retro_data.prepare(cfg)
+    _, valid, _ = retro_data.datasets(cfg, sample_counts(cfg), retrieval="on", training=False)
     items = [valid[i] for i in range(results["num_samples"])]
     batch = {key: torch.from_numpy(np.stack([item[key] for item in items])) for key in ("text", "neighbor_tokens",
                                                                                         "neighbor_mask")}
@@ -335,7 +336,8 @@ def test_aligned_neighbours_are_what_evaluation_reads_and_old_checkpoints_stay_a
     import json
 
     from megatron.retro.chunk_db import ChunkDB
-    from megatron.training import retro
+    from megatron.retro.neighbors import load_neighbors
+    from megatron.training import retro_checkpoint, retro_data
     from megatron.training.checkpointing import CONFIG_FILE, TrainState, save_checkpoint
     from megatron.training.trainer import sample_counts
 
@@ -343,10 +345,10 @@ def test_aligned_neighbours_are_what_evaluation_reads_and_old_checkpoints_stay_a
     assert cfg.extra["retro"].model.align_neighbors  # the default
     save_checkpoint(str(tmp_path / "ckpt"), TrainState(iteration=4), model, None, None, dataclasses.asdict(cfg))
     path = str(tmp_path / "ckpt" / "iter_0000004")
-    cfg = retro.config_from_checkpoint(path, str(workspace["work_dir"]))
-    retro.prepare(cfg)
-    _, valid, _ = retro.datasets(cfg, sample_counts(cfg), retrieval="on", training=False)
-    db, ids = ChunkDB(str(workspace["work_dir"])), retro.load_neighbors(str(workspace["work_dir"]), "valid")
+    cfg = retro_checkpoint.config_from_checkpoint(path, str(workspace["work_dir"]))
+    retro_data.prepare(cfg)
+    _, valid, _ = retro_data.datasets(cfg, sample_counts(cfg), retrieval="on", training=False)
+    db, ids = ChunkDB(str(workspace["work_dir"])), load_neighbors(str(workspace["work_dir"]), "valid")
     item = valid[0]
     chunks = item["text"][:SEQ].reshape(-1, 64)
     k = cfg.extra["retro"].model.num_neighbors
@@ -364,7 +366,7 @@ def test_aligned_neighbours_are_what_evaluation_reads_and_old_checkpoints_stay_a
         del saved["extra"]["retro"]["model"][field]
     with open(config_file, "w") as f:
         json.dump(saved, f)
-    old = retro.config_from_checkpoint(path, str(workspace["work_dir"])).extra["retro"].model
+    old = retro_checkpoint.config_from_checkpoint(path, str(workspace["work_dir"])).extra["retro"].model
     assert not old.align_neighbors and not old.encoder_embedding_skip
     assert old.attention_gate_logit_scale == 1.0 and old.attention_gate_init == 0.5
 
@@ -373,7 +375,7 @@ def test_evaluate_reports_the_gate_per_mode_and_per_overlap_bucket(workspace, tm
     """With --retro-attention-gate: gate_mean 0.0 with retrieval off, the model's mean over chunks
     with a real neighbour otherwise, and each overlap bucket's mean gate (chunk 1 of each sample
     is scored; it reads chunk 0's neighbours, so its gate is chunk 0's)."""
-    from megatron.training import retro
+    from megatron.training import retro_checkpoint, retro_data
     from megatron.training.checkpointing import TrainState, save_checkpoint
     from megatron.training.trainer import sample_counts
     from tools.retro.evaluate import evaluate
@@ -383,9 +385,10 @@ def test_evaluate_reports_the_gate_per_mode_and_per_overlap_bucket(workspace, tm
     results = evaluate(str(tmp_path / "ckpt"), str(workspace["work_dir"]), eval_samples=4, overlap_buckets=True)
     assert results["retrieval_off"]["gate_mean"] == 0.0
 
-    cfg = retro.config_from_checkpoint(str(tmp_path / "ckpt" / "iter_0000004"), str(workspace["work_dir"]))
-    retro.prepare(cfg)
-    _, valid, _ = retro.datasets(cfg, sample_counts(cfg), retrieval="on", training=False)
+    cfg = retro_checkpoint.config_from_checkpoint(str(tmp_path / "ckpt" / "iter_0000004"),
+                                               str(workspace["work_dir"]))
+    retro_data.prepare(cfg)
+    _, valid, _ = retro_data.datasets(cfg, sample_counts(cfg), retrieval="on", training=False)
     items = [valid[i] for i in range(4)]
     batch = {key: torch.from_numpy(np.stack([item[key] for item in items])) for key in ("text", "neighbor_tokens",
                                                                                         "neighbor_mask")}

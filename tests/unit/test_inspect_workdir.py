@@ -13,9 +13,9 @@ import pytest
 
 from megatron.data.tokenizers import build_tokenizer
 from megatron.retro.chunk_db import ChunkDB
+from megatron.retro.neighbors import load_neighbors
 from megatron.retro.overlap import neighbor_overlaps
 from megatron.retro.workdir import WorkDir, load_workdir_config, write_json
-from megatron.training.retro import load_neighbors
 from tools.retro.evaluate import OVERLAP_BUCKETS, bucket_of, chunk_overlaps
 from tools.retro.inspect_workdir import main
 
@@ -33,7 +33,7 @@ def training_dataset(workspace, work_dir, split: str, align: bool = True):
     """The split's RetroDataset as pretrain_retro.py builds it for the fixture's work dir."""
     from megatron.data.config import DataConfig
     from megatron.models.retro.config import RetroConfig
-    from megatron.training import retro
+    from megatron.training import retro_config, retro_data
     from megatron.training.config import Config, TrainingConfig
     from megatron.training.trainer import sample_counts
     from megatron.transformer.config import ModelConfig
@@ -42,11 +42,11 @@ def training_dataset(workspace, work_dir, split: str, align: bool = True):
                  data=DataConfig(split="75,25,0", tokenizer_type="HuggingFaceTokenizer",
                                  tokenizer_model=str(workspace["tokenizer"])),
                  training=TrainingConfig(global_batch_size=2, train_iters=4, eval_interval=4, eval_iters=1))
-    cfg.extra["retro"] = retro.RetroTrainingConfig(add_retriever=True, work_dir=str(work_dir),
+    cfg.extra["retro"] = retro_config.RetroTrainingConfig(add_retriever=True, work_dir=str(work_dir),
                                                    model=RetroConfig(chunk_length=M, num_neighbors=2,
                                                                      align_neighbors=align))
-    retro.prepare(cfg)
-    train, valid = retro.datasets(cfg, sample_counts(cfg))[:2]
+    retro_data.prepare(cfg)
+    train, valid = retro_data.datasets(cfg, sample_counts(cfg))[:2]
     return {"train": train, "valid": valid}[split]
 
 

@@ -27,7 +27,7 @@ def test_the_long_preset_changes_the_schedule_unless_a_flag_says_otherwise():
 
 def test_adaptive_adds_the_cards_gate_budget_and_retrieval_dropout_to_the_retro_run_only():
     from megatron.training.arguments import build_parser
-    from megatron.training.retro import add_retro_args
+    from megatron.training.retro_config import add_retro_args
 
     plain, adaptive = qs.retro_flags(qs.parse_args([])), qs.retro_flags(qs.parse_args(["--adaptive"]))
     assert adaptive[:len(plain)] == plain and "--retro-attention-gate" not in plain

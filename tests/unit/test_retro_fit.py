@@ -11,7 +11,7 @@ import torch
 from megatron.models.loss import LM_LOSS, lm_loss
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel
-from megatron.training import retro
+from megatron.training import retro_config, retro_fit, retro_step
 from megatron.training.arguments import parse_args
 from megatron.training.checkpointing import load_checkpoint
 from megatron.training.trainer import pretrain
@@ -56,7 +56,7 @@ def config(add_retriever: bool, iters: int, *extra, fit_from=None, gate=False):
                       "--lr", "1e-2", "--lr-decay-style", "constant", "--eval-iters", "0", "--log-interval", "1",
                       "--peak-tflops", "1", "--weight-decay", "0.1", "--init-method-std", "0.1", *extra])
     cfg.model.vocab_size = VOCAB
-    cfg.extra["retro"] = retro.RetroTrainingConfig(
+    cfg.extra["retro"] = retro_config.RetroTrainingConfig(
         add_retriever=add_retriever, fit_from=fit_from,
         model=RetroConfig(chunk_length=M, num_neighbors=K, decoder_layers=[2], encoder_num_layers=1,
                           attention_gate=gate, cca_gate_init=0.5))
@@ -64,12 +64,13 @@ def config(add_retriever: bool, iters: int, *extra, fit_from=None, gate=False):
 
 
 def run(cfg):
-    return pretrain(cfg, retro.model_provider, retro.make_forward_step(cfg), datasets, post_init_fn=retro.post_init)
+    return pretrain(cfg, retro_step.model_provider, retro_step.make_forward_step(cfg), datasets,
+                    post_init_fn=retro_fit.post_init)
 
 
 def load_model(cfg, root):
     with torch.device("cpu"):
-        model = retro.model_provider(cfg)
+        model = retro_step.model_provider(cfg)
     assert load_checkpoint(root, model, load_rng=False) is not None
     return model
 
@@ -110,7 +111,7 @@ def test_retro_fitting_freezes_the_gpt_bit_identically_and_lowers_the_loss(gpt_c
     # What the hook leaves trainable: exactly what RETRO adds, gates included.
     model = RetroModel(cfg.model, cfg.extra["retro"].model)
     model.init_weights()
-    retro.post_init(model, cfg)
+    retro_fit.post_init(model, cfg)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {name for name in names if is_retro_only(name)}
     assert any(name.endswith("gate.logit_full") for name in trainable)
@@ -134,12 +135,12 @@ def test_retro_fit_from_refuses_a_retro_checkpoint_and_another_architecture(gpt_
     run(cfg)
     model = RetroModel(cfg.model, cfg.extra["retro"].model)
     with pytest.raises(ValueError, match="RETRO checkpoint"):
-        retro.load_gpt_into_retro(str(tmp_path / "r"), model, dataclasses.asdict(cfg.model))
+        retro_fit.load_gpt_into_retro(str(tmp_path / "r"), model, dataclasses.asdict(cfg.model))
     wider = dataclasses.replace(cfg.model, hidden_size=64)
     with pytest.raises(ValueError, match="saved with --hidden-size 32, this run has --hidden-size 64"):
-        retro.load_gpt_into_retro(gpt_dir, RetroModel(wider, cfg.extra["retro"].model), dataclasses.asdict(wider))
+        retro_fit.load_gpt_into_retro(gpt_dir, RetroModel(wider, cfg.extra["retro"].model), dataclasses.asdict(wider))
     with pytest.raises(ValueError, match="no complete checkpoint"):
-        retro.load_gpt_into_retro(str(tmp_path / "none"), model, dataclasses.asdict(cfg.model))
+        retro_fit.load_gpt_into_retro(str(tmp_path / "none"), model, dataclasses.asdict(cfg.model))
 
 
 def test_a_gpt_run_refuses_a_retro_checkpoint_and_a_retro_run_a_gpt_one_naming_the_flag(gpt_checkpoint, tmp_path):

@@ -201,13 +201,13 @@ def _plant_metadata(path, marker):
 def _loaders():
     """Every entry point that reads a checkpoint (evaluate.py, text_generation.py and
     pretrain_*.py --load go through load_checkpoint)."""
-    from megatron.training import retro
+    from megatron.training import retro_fit
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools", "checkpoint"))
     import convert
     return {
         "load_checkpoint": lambda root, model: load_checkpoint(root, model, load_rng=False),
         "convert.py": lambda root, model: convert.convert(root, os.path.join(root, "export")),
-        "--retro-fit-from": lambda root, model: retro.load_gpt_into_retro(root, model, asdict(MODEL)),
+        "--retro-fit-from": lambda root, model: retro_fit.load_gpt_into_retro(root, model, asdict(MODEL)),
     }
 
 

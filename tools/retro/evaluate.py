@@ -54,16 +54,16 @@ import torch
 import torch.distributed as dist
 
 from megatron.data.loader import build_data_loader
-from megatron.inference.loading import checkpoint_config, load_weights
 from megatron.models.loss import LM_LOSS, token_losses
 from megatron.parallel.config import ParallelConfig
 from megatron.parallel.parallelize import parallelize_fn
 from megatron.parallel.ranks import is_distributed, rank_and_world_size
 from megatron.retro.overlap import OVERLAP_BUCKETS, OVERLAP_NGRAM, bucket_of, chunk_overlaps
-from megatron.training import retro
+from megatron.training import retro_data, retro_step
 from megatron.training.config import Config
 from megatron.training.copy_probe import copy_probe
 from megatron.training.initialize import initialize_distributed
+from megatron.training.retro_checkpoint import checkpoint_config, load_weights
 from megatron.training.trainer import evaluate_dataset, sample_counts
 
 MODES = {"retrieval_on": "on", "retrieval_off": "off", "random_retrieval": "random"}
@@ -73,7 +73,7 @@ MODES = {"retrieval_on": "on", "retrieval_off": "off", "random_retrieval": "rand
 def evaluate_overlap_buckets(model, cfg: Config, num_samples: int, device) -> dict:
     """Per-chunk lm loss with retrieval on and off and gate, grouped by the chunk's overlap with
     the neighbours it reads (see the module docstring)."""
-    _, valid, _ = retro.datasets(cfg, sample_counts(cfg), retrieval="on", training=False)
+    _, valid, _ = retro_data.datasets(cfg, sample_counts(cfg), retrieval="on", training=False)
     m = cfg.extra["retro"].model.chunk_length
     sums = {name: {"chunks": 0, "on": 0.0, "off": 0.0, "gated": 0, "gate": 0.0} for name, _ in OVERLAP_BUCKETS}
     mbs = cfg.training.micro_batch_size
@@ -88,7 +88,7 @@ def evaluate_overlap_buckets(model, cfg: Config, num_samples: int, device) -> di
         losses = {}
         for mode, mode_mask in (("off", torch.zeros_like(mask)), ("on", mask)):
             losses[mode] = token_losses(model(tokens, nb, mode_mask), labels)
-        gates = retro._unwrap(model).chunk_gates()  # of the last forward, retrieval on
+        gates = retro_step.unwrap(model).chunk_gates()  # of the last forward, retrieval on
         real = mask.any(dim=-1)
         gates = real.float() if gates is None else gates[0]  # ungated: 1 wherever a neighbour is
         for i in range(len(text)):
@@ -115,13 +115,13 @@ def evaluate_overlap_buckets(model, cfg: Config, num_samples: int, device) -> di
 
 def evaluate_mode(cfg: Config, env, par, mode: str, num_iters: int) -> dict:
     """Scores of the validation split's first ``num_iters`` global batches with neighbours `mode`."""
-    _, valid, _ = retro.datasets(cfg, sample_counts(cfg), retrieval=mode, training=False)
+    _, valid, _ = retro_data.datasets(cfg, sample_counts(cfg), retrieval=mode, training=False)
     if valid is None:
         raise ValueError(f"--split {cfg.data.split} leaves no validation documents")
-    metrics = evaluate_dataset(cfg, env, par, retro.make_forward_step(cfg), valid, num_iters)
+    metrics = evaluate_dataset(cfg, env, par, retro_step.make_forward_step(cfg), valid, num_iters)
     lm = metrics[LM_LOSS]
-    return {"loss": lm + metrics.get(retro.BUDGET_LOSS, 0.0), "lm_loss": lm, "ppl": math.exp(min(lm, 50.0)),
-            "gate_mean": metrics.get(retro.GATE_MEAN, 1.0)}
+    return {"loss": lm + metrics.get(retro_step.BUDGET_LOSS, 0.0), "lm_loss": lm, "ppl": math.exp(min(lm, 50.0)),
+            "gate_mean": metrics.get(retro_step.GATE_MEAN, 1.0)}
 
 
 def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_batch_size: int | None = None,
@@ -137,10 +137,10 @@ def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_ba
     cfg.training.recompute_granularity, cfg.training.use_torch_compile = None, False
     if micro_batch_size:
         cfg.training.micro_batch_size = micro_batch_size
-    retro.prepare(cfg)
+    retro_data.prepare(cfg)
     env = initialize_distributed(cfg.parallel)
     with torch.device(env.device):
-        model = retro.model_provider(cfg)
+        model = retro_step.model_provider(cfg)
     par = parallelize_fn(model, cfg, env)
     load_weights(load, par.model, step, cfg)
     par.model.eval()
@@ -194,7 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
-    p.add_argument("--min-delta", type=float, default=retro.MIN_RETRIEVAL_GAIN,
+    p.add_argument("--min-delta", type=float, default=retro_step.MIN_RETRIEVAL_GAIN,
                    help="warn when retrieval-off minus retrieval-on lm loss is below this")
     p.add_argument("--copy-probe", action="store_true",
                    help="also report whether the model copies random text from its context and from "

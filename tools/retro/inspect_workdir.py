@@ -29,9 +29,9 @@ import numpy as np
 
 from megatron.retro.chunk_db import DATASET, DOCUMENT, LENGTH, OFFSET, ChunkDB
 from megatron.retro.embedder import chunk_texts
+from megatron.retro.neighbors import load_neighbors, workdir_dataset
 from megatron.retro.overlap import OVERLAP_BUCKETS, OVERLAP_NGRAM, bucket_of, chunk_overlaps, neighbor_overlaps
 from megatron.retro.workdir import WorkDir, build_workdir_tokenizer, check_dataset_fingerprints, load_workdir_config
-from megatron.training.retro import load_neighbors, workdir_dataset
 
 SPLITS = ("train", "valid")  # the splits the query step saves neighbours for
 # Neighbour ids counted per step of the fill rate: bounds memory whatever the file's size.

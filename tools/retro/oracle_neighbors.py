@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from megatron.data.indexed_dataset import IndexedDataset
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.gate import TanhGate
-from megatron.training import retro
+from megatron.training import retro_config, retro_step
 from megatron.training.config import Config
 from megatron.training.lr_schedule import lr_at
 from megatron.transformer.config import ModelConfig
@@ -115,16 +115,16 @@ def build(args):
     cfg = Config(model=ModelConfig(vocab_size=args.vocab_size, num_layers=args.num_layers,
                                    hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
                                    seq_length=args.seq_length))
-    cfg.extra["retro"] = retro.RetroTrainingConfig(add_retriever=True, model=RetroConfig(
+    cfg.extra["retro"] = retro_config.RetroTrainingConfig(add_retriever=True, model=RetroConfig(
         chunk_length=args.retro_chunk_length, num_neighbors=args.retro_num_neighbors,
         decoder_layers=args.retro_decoder_layers, encoder_num_layers=args.retro_encoder_layers,
         encoder_hidden_size=args.retro_encoder_hidden_size,
         encoder_num_attention_heads=args.retro_encoder_attention_heads, cca_gate_init=args.retro_cca_gate_init,
         encoder_embedding_skip=args.retro_encoder_embedding_skip))
     torch.manual_seed(args.seed)
-    model = retro.model_provider(cfg)
+    model = retro_step.model_provider(cfg)
     model.init_weights()
-    return model, retro.make_forward_step(cfg)
+    return model, retro_step.make_forward_step(cfg)
 
 
 def held_out_losses(model, batch, readers) -> dict:

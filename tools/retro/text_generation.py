@@ -19,8 +19,8 @@ import sys
 import torch
 
 from megatron.inference.generation import SamplingConfig, generate
-from megatron.inference.loading import load_for_generation
 from megatron.inference.retrieval import RETRIEVAL_MODES, LiveRetriever
+from megatron.training.retro_checkpoint import load_for_generation
 
 
 def parse_args(argv=None):
