@@ -5,12 +5,40 @@ per iteration (`resolve_batch_sizes`)."""
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
 
-from megatron.training.config import Config
+from megatron.parallel.config import ParallelConfig
+from megatron.transformer.config import ModelConfig
+
+
+class TrainingSection(Protocol):
+    """The fields of training's TrainingConfig that the parallel layer reads."""
+    micro_batch_size: int
+    global_batch_size: int | None
+    bf16: bool
+    recompute_granularity: str | None
+    use_torch_compile: bool
+
+
+class RunConfig(Protocol):
+    """The run's Config (megatron/training/config.py) as the parallel layer reads it: a Protocol,
+    so that parallel/ names what it needs without importing training/, which builds on it. Its
+    sections are read-only members, so that Config's own section types fit them."""
+
+    @property
+    def model(self) -> ModelConfig: ...
+
+    @property
+    def training(self) -> TrainingSection: ...
+
+    @property
+    def parallel(self) -> ParallelConfig: ...
+
+    @property
+    def extra(self) -> dict: ...  # the entry points' own sections, e.g. RETRO's budget loss coefficient
 
 
 @dataclass(frozen=True)
@@ -47,7 +75,7 @@ class Parallelized:
     loss_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
-def resolve_batch_sizes(cfg: Config, dp_size: int) -> int:
+def resolve_batch_sizes(cfg: RunConfig, dp_size: int) -> int:
     """Fills in the global batch size; returns the number of micro-batches per iteration (and
     rank). Idempotent: a pipelined parallelize_fn calls it too, to build its schedule."""
     t = cfg.training

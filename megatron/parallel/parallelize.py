@@ -12,10 +12,9 @@ from megatron.parallel.activation_checkpoint import apply_activation_checkpointi
 from megatron.parallel.compile import compile_blocks
 from megatron.parallel.config import ParallelConfig
 from megatron.parallel.data_parallel import apply_data_parallel
-from megatron.parallel.layout import DistEnv, Parallelized
+from megatron.parallel.layout import DistEnv, Parallelized, RunConfig
 from megatron.parallel.mesh import ParallelMesh, build_device_mesh, data_parallel_rank_and_size, mesh_shape
 from megatron.parallel.tensor_parallel import loss_parallel_context, parallelize_tensor_parallel
-from megatron.training.config import Config
 
 
 def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: ParallelMesh | None, *,
@@ -49,7 +48,7 @@ def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: Para
     return model
 
 
-def parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv, *, loss_parallel: bool = True) -> Parallelized:
+def parallelize_fn(model: nn.Module, cfg: RunConfig, env: DistEnv, *, loss_parallel: bool = True) -> Parallelized:
     """The trainer's hook (``pretrain(..., parallelize_fn=parallelize_fn)``): build the mesh from
     the flags and apply everything ``cfg`` asks for.
 

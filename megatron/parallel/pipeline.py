@@ -64,10 +64,9 @@ from megatron.parallel.activation_checkpoint import apply_activation_checkpointi
 from megatron.parallel.compile import compile_blocks
 from megatron.parallel.config import ParallelConfig
 from megatron.parallel.data_parallel import data_parallel_mesh
-from megatron.parallel.layout import DistEnv, Parallelized, resolve_batch_sizes
+from megatron.parallel.layout import DistEnv, Parallelized, RunConfig, resolve_batch_sizes
 from megatron.parallel.mesh import ParallelMesh, build_device_mesh, data_parallel_rank_and_size
 from megatron.parallel.tensor_parallel import loss_parallel_context, parallelize_tensor_parallel
-from megatron.training.config import Config
 
 SCHEDULES = {"1F1B": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved-1F1B": ScheduleInterleaved1F1B}
 SHARED_EMBEDDING = "tok_embeddings.weight"
@@ -483,7 +482,7 @@ def pipeline_layout(parallel: ParallelConfig, num_layers: int) -> tuple[str, int
     return schedule, virtual, split
 
 
-def pipeline_parallelize_fn(model: nn.Module, cfg: Config, env: DistEnv) -> Parallelized:
+def pipeline_parallelize_fn(model: nn.Module, cfg: RunConfig, env: DistEnv) -> Parallelized:
     """megatron.parallel.parallelize.parallelize_fn under --pipeline-model-parallel-size > 1: cut
     the model into this rank's stages with their share of the TP(+SP) plan, then recompute /
     compile per block, then FSDP2 or DDP-style data parallel (see PipelinedModel). The trainer drives
