@@ -6,6 +6,7 @@ query-neighbors, verify. "build" runs them all, "index-build" the two index step
 skips what the work dir already holds, so a rerun resumes where an interrupted one stopped.
 """
 
+import dataclasses
 import importlib.metadata
 import os
 
@@ -24,20 +25,14 @@ from megatron.retro.embedder import BertEmbedder, chunk_texts, embed_chunk_db, r
 from megatron.retro.index import add_to_index, choose_index_str, load_index, read_index_checked, train_index
 from megatron.retro.query import Searcher, assemble_neighbors, damaged_neighbors, query_split
 from megatron.retro.verify import verify
-from megatron.retro.workdir import (CONFIG_NAME, FORMAT_VERSION, WorkDir, check_dataset_fingerprints,
-                                    check_workdir_matches, dataset_fingerprints, load_workdir_config,
+from megatron.retro.workdir import (CONFIG_NAME, FORMAT_VERSION, BuildRecord, WorkDir, check_build_matches,
+                                    check_dataset_fingerprints, dataset_fingerprints, load_workdir_config,
                                     normalize_data_path, remove_leftover_temp_files, write_json)
 
 TASKS = ("db-build", "index-train", "index-add", "query-neighbors", "verify")
 TASK_GROUPS = {"build": TASKS, "index-build": ("index-train", "index-add"),
                "query-pretraining-neighbors": ("query-neighbors",)}  # Megatron-LM's name
 SPLITS_WITH_NEIGHBORS = ("train", "valid")
-# Recorded for the record only: a different version may still read the work dir. (Dataset
-# fingerprints are checked apart, naming the changed dataset's files.)
-UNCHECKED_FIELDS = ("format_version", "library_version", "tokenizer", "retriever_model", "index_str",
-                    "dataset_fingerprints")
-# Fields added after FORMAT_VERSION 1, with the value a work dir that lacks one was built with.
-FIELD_DEFAULTS = {"bert_precision": "fp32"}
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -75,7 +70,8 @@ def _library_versions() -> dict:
 
 
 def describe_build(args, tokenizer) -> dict:
-    """The config a work dir built from these arguments records (before any task runs)."""
+    """The config a work dir built from these arguments records (before any task runs): its
+    BuildRecord (megatron/retro/workdir.py), as a dict."""
     datasets = [_dataset_entry(prefix) for _, prefix in parse_data_path(args.data_path)]
     if args.retro_db_data_path:
         db_datasets = [_dataset_entry(prefix, (0, len(IndexedDataset(prefix))))
@@ -91,43 +87,42 @@ def describe_build(args, tokenizer) -> dict:
                          f"{retriever['max_position_embeddings']} positions")
     train, valid, test = sample_counts(args.train_samples, args.train_iters, args.global_batch_size,
                                        args.eval_interval, args.eval_iters)
-    return {
-        "format_version": FORMAT_VERSION,
-        "library_version": _library_versions(),
-        "tokenizer": {"type": args.tokenizer_type,
-                      **{name: os.path.abspath(path) if path else None for name, path in
-                         (("model", args.tokenizer_model), ("vocab_file", args.vocab_file),
-                          ("merge_file", args.merge_file))}},
-        "tokenizer_fingerprint": tokenizer.fingerprint(),
-        "vocab_size": tokenizer.vocab_size,
-        "eod": tokenizer.eod,
-        "chunk_length": args.retro_gpt_chunk_length,
-        "seq_length": args.seq_length,
-        "data_path": normalize_data_path(args.data_path),
-        "split": args.split,
-        "seed": args.seed,
-        "datasets": datasets,
-        "db_data_path": normalize_data_path(args.retro_db_data_path) if args.retro_db_data_path else None,
-        "db_documents": "all documents of --retro-db-data-path" if args.retro_db_data_path
+    return dataclasses.asdict(BuildRecord(
+        format_version=FORMAT_VERSION,
+        library_version=_library_versions(),
+        tokenizer={"type": args.tokenizer_type,
+                   **{name: os.path.abspath(path) if path else None for name, path in
+                      (("model", args.tokenizer_model), ("vocab_file", args.vocab_file),
+                       ("merge_file", args.merge_file))}},
+        tokenizer_fingerprint=tokenizer.fingerprint(),
+        vocab_size=tokenizer.vocab_size,
+        eod=tokenizer.eod,
+        chunk_length=args.retro_gpt_chunk_length,
+        seq_length=args.seq_length,
+        data_path=normalize_data_path(args.data_path),
+        split=args.split,
+        seed=args.seed,
+        datasets=datasets,
+        db_data_path=normalize_data_path(args.retro_db_data_path) if args.retro_db_data_path else None,
+        db_documents="all documents of --retro-db-data-path" if args.retro_db_data_path
         else "train split of --data-path",
-        "db_datasets": db_datasets,
-        "dataset_fingerprints": dataset_fingerprints(dict.fromkeys(d["path"] for d in datasets + db_datasets)),
-        "retriever_model": os.path.abspath(args.retro_bert_model),
-        "retriever_fingerprint": retriever["fingerprint"],
-        "embedding_dim": retriever["embedding_dim"],
-        "bert_max_chunk_length": args.retro_bert_max_chunk_length,
-        "bert_precision": args.retro_bert_precision,
-        "block_size": args.retro_block_size,
-        "index_str": args.retro_index_str,
-        "index_ntrain": args.retro_index_ntrain,
-        "num_neighbors_query": args.retro_query_num_neighbors_query,
-        "num_neighbors_save": args.retro_query_num_neighbors_save,
-        "nprobe": args.retro_query_nprobe,
-        "ef_search": args.retro_query_ef_search,
-        "train_samples": train,
-        "valid_samples": valid,
-        "test_samples": test,
-    }
+        db_datasets=db_datasets,
+        dataset_fingerprints=dataset_fingerprints(dict.fromkeys(d["path"] for d in datasets + db_datasets)),
+        retriever_model=os.path.abspath(args.retro_bert_model),
+        retriever_fingerprint=retriever["fingerprint"],
+        embedding_dim=retriever["embedding_dim"],
+        bert_max_chunk_length=args.retro_bert_max_chunk_length,
+        bert_precision=args.retro_bert_precision,
+        block_size=args.retro_block_size,
+        index_str=args.retro_index_str,
+        index_ntrain=args.retro_index_ntrain,
+        num_neighbors_query=args.retro_query_num_neighbors_query,
+        num_neighbors_save=args.retro_query_num_neighbors_save,
+        nprobe=args.retro_query_nprobe,
+        ef_search=args.retro_query_ef_search,
+        train_samples=train,
+        valid_samples=valid,
+        test_samples=test))
 
 
 def prepare_workdir(work_dir: str, expected: dict) -> dict:
@@ -141,8 +136,7 @@ def prepare_workdir(work_dir: str, expected: dict) -> dict:
         log(f"created work dir {wd.root}")
         return expected
     cfg = load_workdir_config(work_dir)
-    check_workdir_matches({**FIELD_DEFAULTS, **cfg},
-                          **{k: v for k, v in expected.items() if k not in UNCHECKED_FIELDS})
+    check_build_matches(cfg, expected)
     check_dataset_fingerprints(cfg, expected["dataset_fingerprints"])
     wanted = expected["index_str"]
     recorded = cfg.get("chosen_index_str") or cfg.get("index_str")

@@ -1,6 +1,6 @@
 """The retro work dir: its layout, its config.json, and atomic writes into it.
 
-    WD/config.json                   everything that built the work dir (see `describe_build`)
+    WD/config.json                   everything that built the work dir (its schema: `BuildRecord`)
     WD/db/chunks.npy                 int64 [N, 4]: (dataset_id, document_id, token_offset, length)
     WD/db/valid.npy                  bool [N]: False where the chunk's BERT text is empty
     WD/embeddings/block_XXXXXX.npy   float16 [<= block_size, D], chunk b*block_size onwards
@@ -12,9 +12,12 @@
 
 config.json is written when the work dir is created; each later step (and training) compares
 the fields it depends on with its own arguments and refuses a mismatch naming the field.
-Fields a step learns (the chosen index string, the number of chunks) are added as it finishes.
+Fields a step learns are added as it finishes: num_chunks and num_valid_chunks (db-build),
+chosen_index_str and index_ntrain_used (index-train), index_ntotal (index-add), neighbor_stats
+(query-neighbors).
 """
 
+import dataclasses
 import json
 import os
 import uuid
@@ -132,26 +135,74 @@ def normalize_data_path(data_path) -> list:
     return [[round(w / total, 12), os.path.abspath(p)] for w, p in pairs]
 
 
-# Fields compared after normalisation by check_workdir_matches.
-_NORMALIZERS = {"data_path": normalize_data_path, "db_data_path": normalize_data_path}
-# The arguments behind each field check_workdir_matches compares, for its message.
-_FIELD_FLAGS = {
-    "vocab_size": "the tokenizer", "eod": "the tokenizer",
-    "chunk_length": "--retro-gpt-chunk-length", "seq_length": "--seq-length",
-    "data_path": "--data-path", "split": "--split", "seed": "--seed",
-    "datasets": "the datasets at --data-path (document and token counts)",
-    "db_data_path": "--retro-db-data-path", "db_documents": "--retro-db-data-path",
-    "db_datasets": "--retro-db-data-path, or --data-path and --split",
-    "retriever_fingerprint": "--retro-bert-model", "embedding_dim": "--retro-bert-model",
-    "bert_max_chunk_length": "--retro-bert-max-chunk-length", "block_size": "--retro-block-size",
-    "bert_precision": "--retro-bert-precision",
-    "index_ntrain": "--retro-index-ntrain", "num_neighbors_query": "--retro-query-num-neighbors-query",
-    "num_neighbors_save": "--retro-query-num-neighbors-save", "nprobe": "--retro-query-nprobe",
-    "ef_search": "--retro-query-ef-search",
-    "train_samples": "--train-samples, or --train-iters x --global-batch-size",
-    "valid_samples": "--train-iters, --eval-interval, --eval-iters and --global-batch-size",
-    "test_samples": "--eval-iters and --global-batch-size",
-}
+def _field(flags: str | None, *, compared: bool = True, normalize=None, older=None):
+    """One field of config.json. flags: the arguments behind it, named when a check refuses it.
+    compared: whether a rerun of the build compares it (each field that is not says why).
+    normalize: brings both values to one spelling before they are compared. older: the value a
+    work dir built before the field existed was built with."""
+    return dataclasses.field(metadata={"flags": flags, "compared": compared, "normalize": normalize,
+                                       "older": older})
+
+
+@dataclasses.dataclass
+class BuildRecord:
+    """config.json's schema: the fields the build writes when it creates the work dir
+    (megatron/retro/tasks.py's describe_build fills every one), and what checks each. A rerun of
+    the build compares the `compared` ones (check_build_matches); training compares those
+    `expected_for_training` names; generation and live retrieval the tokenizer and chunk length."""
+    format_version: int = _field(None, compared=False)  # load_workdir_config refuses another
+    library_version: dict = _field(None, compared=False)  # another version may still read it: a note
+    tokenizer: dict = _field(None, compared=False)  # the tokenizer's flags, for messages
+    tokenizer_fingerprint: str = _field(None)  # refused naming the recorded tokenizer's flags
+    vocab_size: int = _field("the tokenizer")
+    eod: int = _field("the tokenizer")
+    chunk_length: int = _field("--retro-gpt-chunk-length")
+    seq_length: int = _field("--seq-length")
+    data_path: list = _field("--data-path", normalize=normalize_data_path)
+    split: str = _field("--split")
+    seed: int = _field("--seed")
+    datasets: list = _field("the datasets at --data-path (document and token counts)")
+    db_data_path: list | None = _field("--retro-db-data-path", normalize=normalize_data_path)
+    db_documents: str = _field("--retro-db-data-path")
+    db_datasets: list = _field("--retro-db-data-path, or --data-path and --split")
+    dataset_fingerprints: dict = _field(None, compared=False)  # check_dataset_fingerprints names the files
+    retriever_model: str = _field(None, compared=False)  # a path: retriever_fingerprint is compared
+    retriever_fingerprint: str = _field("--retro-bert-model")
+    embedding_dim: int = _field("--retro-bert-model")
+    bert_max_chunk_length: int = _field("--retro-bert-max-chunk-length")
+    bert_precision: str = _field("--retro-bert-precision", older="fp32")
+    block_size: int = _field("--retro-block-size")
+    index_str: str | None = _field(None, compared=False)  # None chooses one: compared with chosen_index_str
+    index_ntrain: int | None = _field("--retro-index-ntrain")
+    num_neighbors_query: int = _field("--retro-query-num-neighbors-query")
+    num_neighbors_save: int = _field("--retro-query-num-neighbors-save")
+    nprobe: int = _field("--retro-query-nprobe")
+    ef_search: int = _field("--retro-query-ef-search")
+    train_samples: int = _field("--train-samples, or --train-iters x --global-batch-size")
+    valid_samples: int = _field("--train-iters, --eval-interval, --eval-iters and --global-batch-size")
+    test_samples: int = _field("--eval-iters and --global-batch-size")
+
+
+_SCHEMA = {f.name: f.metadata for f in dataclasses.fields(BuildRecord)}
+
+
+def expected_for_training(data, seq_length: int, seed: int, train_samples: int, valid_samples: int,
+                          tokenizer_fingerprint: str, chunk_length: int | None = None) -> dict:
+    """The fields training must agree on with the work dir, as keyword arguments for
+    check_workdir_matches. `data` is a DataConfig. The GPT datasets' sample order depends on
+    every one of these, so neighbour row i only belongs to training sample i when all match."""
+    return {
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "data_path": list(data.data_path),
+        "split": data.split,
+        "seq_length": seq_length,
+        "seed": seed,
+        "train_samples": train_samples,
+        "valid_samples": valid_samples,
+        "chunk_length": chunk_length,
+    }
+
+
 _TOKENIZER_FLAGS = {"model": "--tokenizer-model", "vocab_file": "--vocab-file", "merge_file": "--merge-file"}
 
 
@@ -212,14 +263,23 @@ def check_workdir_matches(cfg: dict, **expected) -> None:
             raise ValueError(f"retro work dir config has no field {field!r}; it was built by an "
                              f"older version or an unfinished run: rebuild it")
         have = cfg[field]
-        normalize = _NORMALIZERS.get(field)
-        if normalize is not None:
-            want = normalize(want)
+        schema = _SCHEMA.get(field, {})
+        if schema.get("normalize") is not None:
+            want = schema["normalize"](want)
         if json.loads(json.dumps(want)) != have:
-            flags = _recorded_tokenizer(cfg) if field == "tokenizer_fingerprint" else _FIELD_FLAGS.get(field)
+            flags = _recorded_tokenizer(cfg) if field == "tokenizer_fingerprint" else schema.get("flags")
             raise ValueError(f"retro work dir does not match{' ' + flags if flags else ''}: {field} is "
                              f"{have!r} in the work dir but {want!r} here; use the arguments it was built "
                              f"with or a new --retro-work-dir")
+
+
+def check_build_matches(cfg: dict, build: dict) -> None:
+    """A rerun of the build over the work dir whose config is `cfg`: check_workdir_matches over
+    the compared fields of `build` (describe_build's), a field the work dir predates taken as the
+    value it was built with."""
+    older = {name: field["older"] for name, field in _SCHEMA.items() if field["older"] is not None}
+    check_workdir_matches({**older, **cfg}, **{name: value for name, value in build.items()
+                                               if _SCHEMA.get(name, {}).get("compared", True)})
 
 
 def dataset_fingerprints(prefixes) -> dict:
@@ -245,20 +305,3 @@ def check_dataset_fingerprints(cfg: dict, current: dict | None = None) -> None:
             raise ValueError(f"{prefix}.bin / {prefix}.idx: content changed since the retro work dir was "
                              f"built (fingerprint {want} recorded, {have} now); restore the data or "
                              f"rebuild the work dir")
-
-
-def expected_for_training(data, seq_length: int, seed: int, train_samples: int, valid_samples: int,
-                          tokenizer_fingerprint: str, chunk_length: int | None = None) -> dict:
-    """The fields training must agree on with the work dir, as keyword arguments for
-    check_workdir_matches. `data` is a DataConfig. The GPT datasets' sample order depends on
-    every one of these, so neighbour row i only belongs to training sample i when all match."""
-    return {
-        "tokenizer_fingerprint": tokenizer_fingerprint,
-        "data_path": list(data.data_path),
-        "split": data.split,
-        "seq_length": seq_length,
-        "seed": seed,
-        "train_samples": train_samples,
-        "valid_samples": valid_samples,
-        "chunk_length": chunk_length,
-    }
