@@ -1,16 +1,18 @@
 """Where the pipeline cuts: FLOP estimates per layer, the balanced split against brute force,
-and the Megatron flags that fix the split by hand."""
+and the Megatron flags that fix the split by hand; a model pruned to its stages runs them."""
 
+import copy
 import itertools
 import random
 
 import pytest
+import torch
 
 from megatron.models.gpt.model import GPTModel
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel
 from megatron.parallel.config import ParallelConfig
-from megatron.parallel.pipeline import balanced_split, layer_costs, pipeline_layout, stage_layers
+from megatron.parallel.pipeline import balanced_split, layer_costs, pipeline_layout, prune_to_stages, stage_layers
 from megatron.transformer.config import ModelConfig
 
 CFG = dict(vocab_size=128, num_layers=8, hidden_size=64, num_attention_heads=4, seq_length=128)
@@ -77,3 +79,30 @@ def test_flags_to_layout():
     with pytest.raises(ValueError, match="give one"):
         pipeline_layout(ParallelConfig(**pp2, num_layers_per_virtual_pipeline_stage=2,
                                        decoder_first_pipeline_num_layers=1), 8)
+
+
+@pytest.mark.parametrize("kind,split", [("gpt", [1, 2, 1]), ("retro", [2, 2]), ("retro", [1, 3]), ("retro", [2, 1, 1])])
+def test_model_pruned_to_each_stage_chains_into_the_full_forward(kind, split):
+    """Each stage is the model with the other stages' parts removed: fed the previous stage's
+    output (RETRO's encoded neighbours by keyword), the last returns the full model's logits."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**dict(CFG, num_layers=4, seq_length=32))
+    retro = RetroConfig(chunk_length=8, num_neighbors=2, decoder_layers=[2, 3], attention_gate=True)
+    model = RetroModel(cfg, retro) if kind == "retro" else GPTModel(cfg)
+    model.init_weights()
+    tokens = torch.randint(0, CFG["vocab_size"], (2, 32))
+    keywords = {}
+    if kind == "retro":
+        keywords = {"neighbor_tokens": torch.randint(0, CFG["vocab_size"], (2, 4, 2, retro.retrieved_length)),
+                    "neighbor_mask": torch.rand(2, 4, 2) > 0.25}
+    keys = stage_layers(model, split)
+    stages = [prune_to_stages(copy.deepcopy(model), keys, [s]) for s in range(len(split))]
+    want = model(tokens, **keywords)
+    out = (tokens,)
+    for s, stage in enumerate(stages):
+        holds_encoder = kind == "retro" and "1" in keys[s]  # layer 2, the first retro layer
+        assert (stage.tok_embeddings is None) == (s not in (0, len(split) - 1) and not holds_encoder)
+        encoded = {"encoded_neighbors": out[1]} if len(out) == 2 else {}
+        out = stage(out[0], token_ids=tokens, **keywords, **encoded)
+        out = out if isinstance(out, tuple) else (out,)
+    torch.testing.assert_close(out[0], want, rtol=0, atol=0)

@@ -70,12 +70,19 @@ class GPTModel(nn.Module):
                                    self.cfg.rotary_base, device=buffer_device)
             self.rope_cos, self.rope_sin = cos, sin
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: int64 [b, s] -> logits [b, s, vocab]."""
-        h = self.tok_embeddings(tokens)
-        rope = self.rope(tokens.shape[1])
+    def forward(self, tokens: torch.Tensor, *, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: int64 [b, s] -> logits [b, s, vocab].
+
+        A pipeline stage (megatron/parallel/pipeline.py) is this model with parts pruned: on a
+        later stage ``tokens`` are the previous stage's hidden states [b, s, h] and ``token_ids``
+        the ids (their length is the rope's: under sequence parallel the states are a shard of
+        the sequence); without the head (before the last stage) the hidden states are returned."""
+        h = tokens if tokens.is_floating_point() else self.tok_embeddings(tokens)
+        rope = self.rope((tokens if token_ids is None else token_ids).shape[1])
         for layer in self.layers.values():
             h = layer(h, rope)
+        if self.output is None:
+            return h
         return self.output(self.norm(h))
 
 

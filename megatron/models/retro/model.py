@@ -121,21 +121,31 @@ class RetroModel(GPTModel):
         return neighbor_overlap(tokens, neighbor_tokens, neighbor_mask, self.retro_cfg.chunk_length)
 
     def forward(self, tokens: torch.Tensor, neighbor_tokens: torch.Tensor | None = None,
-                neighbor_mask: torch.Tensor | None = None) -> torch.Tensor:
+                neighbor_mask: torch.Tensor | None = None, *, token_ids: torch.Tensor | None = None,
+                encoded_neighbors: torch.Tensor | None = None):
         """tokens [b, s]; neighbor_tokens [b, l, k, r] (None: retrieval off), l = ceil(s / m);
-        neighbor_mask bool [b, l, k], True = real neighbour (None: all real). -> logits [b, s, V]."""
-        h = self.tok_embeddings(tokens)
-        rope = self.rope(tokens.shape[1])
-        neighbors = overlap = None
+        neighbor_mask bool [b, l, k], True = real neighbour (None: all real). -> logits [b, s, V].
+
+        A pipeline stage is this model with parts pruned, as GPTModel.forward says (``tokens``
+        hidden states, ``token_ids`` the ids, also for the gates' overlap). A stage after the
+        encoder's gets its ``encoded_neighbors``; before the last stage it returns (hidden
+        states, encoded neighbours), or the hidden states alone while no layer has encoded any."""
+        ids = tokens if token_ids is None else token_ids
+        h = tokens if tokens.is_floating_point() else self.tok_embeddings(tokens)
+        rope = self.rope(ids.shape[1])
+        neighbors, overlap = encoded_neighbors, None
         if neighbor_tokens is not None:
-            self.check_neighbors(tokens, neighbor_tokens, neighbor_mask)
-            neighbors = self.embed_neighbors(neighbor_tokens, neighbor_mask)
-            overlap = self.neighbor_overlap(tokens, neighbor_tokens, neighbor_mask)
+            self.check_neighbors(ids, neighbor_tokens, neighbor_mask)
+            overlap = self.neighbor_overlap(ids, neighbor_tokens, neighbor_mask)
         for layer in self.layers.values():
             if isinstance(layer, RetroBlock):
+                if layer.encoder is not None and neighbor_tokens is not None:
+                    neighbors = self.embed_neighbors(neighbor_tokens, neighbor_mask)
                 h, neighbors = layer(h, rope, neighbors, neighbor_mask, overlap)
             else:
                 h = layer(h, rope)
+        if self.output is None:
+            return h if neighbors is None else (h, neighbors)
         return self.output(self.norm(h))
 
     def chunk_gates(self) -> tuple[torch.Tensor, torch.Tensor] | None:
