@@ -40,8 +40,9 @@ def data_parallel_mesh(mesh: ParallelMesh) -> DeviceMesh:
 
 
 def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, *, bf16: bool = False,
-                        reshard_after_forward: bool = True) -> nn.Module:
-    """``fully_shard`` each block of ``model.layers`` and then the root, in place.
+                        reshard_after_forward: bool = True, roots: list[nn.Module] | None = None) -> nn.Module:
+    """``fully_shard`` each block of ``model.layers`` and then the root, in place; ``roots``:
+    the modules to root instead of ``model`` (a rank's pipeline stages, which share its blocks).
 
     ``reshard_after_forward=False`` keeps each block's gathered parameters from forward to
     backward (ZeRO-2-like: more memory, one all-gather per block per step instead of two).
@@ -52,5 +53,6 @@ def apply_data_parallel(model: nn.Module, mesh: ParallelMesh, *, bf16: bool = Fa
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root's parameters (embedding, head) are needed first thing in backward: FSDP's default
     # (None) keeps them gathered after forward.
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+    for root in roots or [model]:
+        fully_shard(root, mesh=dp_mesh, mp_policy=policy)
     return model

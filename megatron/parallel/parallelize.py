@@ -20,15 +20,18 @@ from megatron.parallel.tensor_parallel import loss_parallel_context, parallelize
 def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: ParallelMesh | None, *,
                       bf16: bool = False, recompute_granularity: str | None = None,
                       compile: bool = False, compile_backend: str = "inductor",
-                      loss_parallel: bool = True) -> nn.Module:
+                      loss_parallel: bool = True, stages: list[nn.Module] | None = None) -> nn.Module:
     """Apply TP(+SP), activation checkpointing, compile and FSDP/DDP to ``model`` in place.
 
     Build and initialise the model first (same seed on every rank) on its device, then call
     this; create the optimizer after. ``mesh`` comes from
     ``megatron.parallel.mesh.build_device_mesh`` (None on a single process: only recompute and
-    compile apply). With pipeline parallelism, call it on each stage's module (a stage may lack
-    the embedding or the head). With data parallel and ``bf16``, FSDP2 keeps fp32 master weights
-    and computes in bf16; without data parallel, bf16 is the trainer's autocast.
+    compile apply). With data parallel and ``bf16``, FSDP2 keeps fp32 master weights and
+    computes in bf16; without data parallel, bf16 is the trainer's autocast.
+
+    With pipeline parallelism ``model`` is the rank's model pruned to its ``stages`` (a stage
+    may lack the embedding or the head; megatron/parallel/pipeline.py): each stage is an FSDP
+    root, and with --data-parallel-type ddp the pipeline all-reduces the gradients itself.
 
     With tensor parallelism and ``loss_parallel`` the model returns vocabulary-sharded DTensor
     logits: run the loss and its backward inside ``loss_parallel_context(model)``.
@@ -43,8 +46,9 @@ def parallelize_model(model: nn.Module, parallel_cfg: ParallelConfig, mesh: Para
         apply_activation_checkpointing(model, recompute_granularity)
     if compile:
         compile_blocks(model, backend=compile_backend, copy_view_inputs=tensor_parallel)
-    if mesh is not None and mesh["dp"].size() > 1:
-        apply_data_parallel(model, mesh, bf16=bf16)
+    pipeline_ddp = stages is not None and parallel_cfg.data_parallel_type != "fsdp"
+    if mesh is not None and mesh["dp"].size() > 1 and not pipeline_ddp:
+        apply_data_parallel(model, mesh, bf16=bf16, roots=stages)
     return model
 
 
