@@ -1,18 +1,22 @@
 """Pipeline parallelism for GPTModel and RetroModel with ``torch.distributed.pipelining``.
 
 The model is cut at layer boundaries into ``pp x V`` stages (V virtual stages per rank for the
-interleaved schedule; stage s runs on pipeline rank s % pp). The token embedding lives on the
-first stage, the final norm, head and loss on the last. What travels between stages:
+interleaved schedule; stage s runs on pipeline rank s % pp). A stage is the model itself with
+the other stages' parts pruned (its forward runs what it holds, models/gpt/model.py): the
+token embedding lives on the first stage, the final norm, head and loss on the last. What
+travels between stages:
 
 - GPT: the hidden states.
 - RETRO, up to the stage holding the first retro layer (the retrieval encoder): the hidden
   states only. From that stage on: (hidden states, encoded neighbours); the encoded neighbours
   carry gradient, so every later chunked cross-attention's gradient flows back, summed by
-  autograd, to the stage that owns the encoder.
+  autograd, to the stage that owns the encoder. A pre-hook hands them to RetroModel.forward
+  by keyword.
 
 The neighbour token ids and mask never travel: they are keyword arguments of ``schedule.step``
 on every rank (each rank loads its data-parallel slice of the batch anyway), and so are the
-decoder's token ids when RETRO has gates (they compare each chunk with its neighbours). Why not
+decoder's token ids (``token_ids``: the rope's length under sequence parallel, and RETRO's
+gates compare each chunk with its neighbours). Why not
 pass them from stage to stage: in torch 2.13's dynamic mode, shape inference runs a later stage on
 ``torch.empty`` tensors built from the previous stage's output metadata, so int64 ids coming
 from a previous stage are garbage and the embedding lookup crashes; keyword arguments are run
@@ -29,15 +33,17 @@ Each rank's model (``PipelinedModel.model``) is the full model with the layers a
 other ranks removed, so its parameter names are the full model's: DCP checkpoints written under
 any pipeline layout load under any other (each rank reads the names it has).
 
-Tensor (+sequence) parallel applies per stage (each rank's share of the TP plan; activations
-between stages stay plain tensors, under SP this rank's sequence shard); the last stage's loss
-runs under ``loss_parallel()`` on vocabulary-sharded logits. Data parallel: FSDP2
-(``fully_shard`` per block and per stage; HSDP too), or with ddp a gradient all-reduce after
-the schedule (DDP's semantics without its wrapper, which does not know the pipeline's backward).
+The rank's model is parallelized by megatron.parallel.parallelize.parallelize_model, in its
+order for every layout: tensor (+sequence) parallel (each rank's share of the TP plan;
+activations between stages stay plain tensors, under SP this rank's sequence shard; the last
+stage's loss runs under ``loss_parallel()`` on vocabulary-sharded logits), recompute and compile
+per block, then data parallel: FSDP2 (``fully_shard`` per block and per stage, with the bf16
+mixed-precision policy; HSDP too), or with ddp a gradient all-reduce after the schedule (DDP's
+semantics without its wrapper, which does not know the pipeline's backward).
 
 RETRO's budget loss (coefficient x the micro-batch's mean gate over all retro layers and the
-chunks with a real neighbour) is added where the gates are: each stage computes its gates'
-share of that mean in its forward and attaches it to its output, whose backward (run by the
+chunks with a real neighbour) is added where the gates are: a forward hook on each stage
+computes its gates' share of that mean and attaches it to its output, whose backward (run by the
 schedule) then also backpropagates the share, as if it were part of the loss. The shares of
 every stage and micro-batch, summed over stages and averaged over micro-batches, are the logged
 gate mean.
@@ -47,30 +53,27 @@ micro-batches before backward (``scale_grads=False``: torch's own scaling would 
 parameter shared by two stages of one rank twice).
 """
 
+import copy
 import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                           ScheduleInterleaved1F1B)
 from torch.distributed.tensor import DTensor
 
 from megatron.models.gpt.model import is_tied as _is_tied
 from megatron.models.loss import LM_LOSS, lm_loss
-from megatron.models.retro.model import RetroBlock, RetroModel
-from megatron.parallel.activation_checkpoint import apply_activation_checkpointing
-from megatron.parallel.compile import compile_blocks
+from megatron.models.retro.model import BUDGET_LOSS, GATE_MEAN, RetroBlock, RetroModel
 from megatron.parallel.config import ParallelConfig
-from megatron.parallel.data_parallel import data_parallel_mesh
 from megatron.parallel.layout import DistEnv, Parallelized, RunConfig, resolve_batch_sizes
 from megatron.parallel.mesh import ParallelMesh, build_device_mesh, data_parallel_rank_and_size
-from megatron.parallel.tensor_parallel import loss_parallel_context, parallelize_tensor_parallel
+from megatron.parallel.parallelize import parallelize_model
+from megatron.parallel.tensor_parallel import loss_parallel_context
 
 SCHEDULES = {"1F1B": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved-1F1B": ScheduleInterleaved1F1B}
 SHARED_EMBEDDING = "tok_embeddings.weight"
-GATE_MEAN, BUDGET_LOSS = "gate mean", "budget loss"  # the metric names megatron/training/retro.py logs
 
 
 # ----------------------------------------------------------------------------- where to cut
@@ -161,86 +164,19 @@ class _AddToBackward(torch.autograd.Function):
         return grad, torch.ones((), dtype=dtype, device=device)
 
 
-class StageModule(nn.Module):
-    """Layers ``keys`` of a (pruned) GPTModel/RetroModel as one pipeline stage.
-
-    forward(tokens | hidden | (hidden, encoded neighbours), *, decoder_tokens, neighbor_tokens,
-    neighbor_mask) -> hidden | (hidden, encoded neighbours) | logits (last stage). Submodules
-    are the rank model's own (shared, not copied), registered under the same names.
-
-    With gates, each forward appends this stage's share of the micro-batch's gate mean to
-    ``gate_shares`` and, when ``budget_scale`` is set (coefficient / micro-batches), adds
-    budget_scale x share to the backward (see the module docstring)."""
-
-    def __init__(self, model: nn.Module, keys: list[str], is_first: bool, is_last: bool, sequence_shards: int = 1,
-                 num_gates: int = 0, budget_scale: float = 0.0):
-        super().__init__()
-        self.is_first, self.is_last = is_first, is_last
-        # Under sequence parallel the hidden states between stages are this rank's sequence shard.
-        self.sequence_shards = sequence_shards
-        self.layers = nn.ModuleDict({k: model.layers[k] for k in keys})
-        needs_embedding = is_first or (is_last and _is_tied(model)) or any(
-            isinstance(layer, RetroBlock) and layer.encoder is not None for layer in self.layers.values())
-        self.tok_embeddings = model.tok_embeddings if needs_embedding else None
-        self.norm = model.norm if is_last else None
-        self.output = model.output if is_last else None
-        # Bound methods, not submodules: the rope tables and the neighbour embedding rule are the model's.
-        self._rope = model.rope
-        self._is_retro = isinstance(model, RetroModel)
-        if self._is_retro:
-            self._check_neighbors, self._embed_neighbors = model.check_neighbors, model.embed_neighbors
-            self._neighbor_overlap = model.neighbor_overlap
-        self._gates = [layer.gate for layer in self.layers.values()
-                       if isinstance(layer, RetroBlock) and layer.gate is not None]
-        self.num_gates, self.budget_scale = num_gates, budget_scale
-        self.gate_shares: list[torch.Tensor] = []
-
-    def forward(self, *inputs, decoder_tokens=None, neighbor_tokens=None, neighbor_mask=None):
-        neighbors = None
-        if self.is_first:
-            (tokens,) = inputs
-            if neighbor_tokens is not None:
-                self._check_neighbors(tokens, neighbor_tokens, neighbor_mask)
-            h = self.tok_embeddings(tokens)
-        else:
-            h, neighbors = inputs[0], (inputs[1] if len(inputs) > 1 else None)
-        rope = self._rope(tokens.shape[1] if self.is_first else h.shape[1] * self.sequence_shards)
-        overlap = None
-        if self._gates and neighbor_tokens is not None:
-            overlap = self._neighbor_overlap(decoder_tokens, neighbor_tokens, neighbor_mask)
-        for layer in self.layers.values():
-            if isinstance(layer, RetroBlock):
-                if layer.encoder is not None and neighbor_tokens is not None:
-                    neighbors = self._embed_neighbors(neighbor_tokens, neighbor_mask)
-                h, neighbors = layer(h, rope, neighbors, neighbor_mask, overlap)
-            else:
-                h = layer(h, rope)
-        if overlap is not None:
-            h = self._gate_share(h)
-        if self.is_last:
-            return self.output(self.norm(h))
-        return h if neighbors is None else (h, neighbors)
-
-    def _gate_share(self, h: torch.Tensor) -> torch.Tensor:
-        """Record this stage's gates' sum over the chunks with a real neighbour, divided by (all
-        gates of the model x those chunks); with a budget, attach it to the backward of h."""
-        real = self._gates[0].last_real
-        share = torch.stack([g.last_value.sum() for g in self._gates]).sum() / (
-            self.num_gates * real.sum().clamp(min=1))
-        self.gate_shares.append(share.detach())
-        if self.budget_scale and torch.is_grad_enabled():
-            h = _AddToBackward.apply(h, self.budget_scale * share)
-        return h
+def embedding_stages(model: nn.Module, stage_keys: list[list[str]]) -> set[int]:
+    """The stages that use the token embedding: the first, the encoder's (it embeds the
+    neighbours) and the last when the head is tied to it."""
+    encoder_key = _encoder_layer(model)
+    users = {0} | ({len(stage_keys) - 1} if _is_tied(model) else set())
+    return users | {s for s, keys in enumerate(stage_keys) if encoder_key in keys}
 
 
 def prune_to_stages(model: nn.Module, stage_keys: list[list[str]], local_stages: list[int]) -> nn.Module:
     """Remove from ``model`` (in place) what no local stage uses; names of what stays are unchanged."""
     num_stages = len(stage_keys)
     keep = {k for s in local_stages for k in stage_keys[s]}
-    tied = _is_tied(model)
-    encoder_key = _encoder_layer(model)
-    uses_embedding = any(s == 0 or (s == num_stages - 1 and tied) or encoder_key in stage_keys[s]
-                         for s in local_stages)
+    uses_embedding = bool(embedding_stages(model, stage_keys) & set(local_stages))
     for key in list(model.layers.keys()):
         if key not in keep:
             del model.layers[key]
@@ -250,6 +186,61 @@ def prune_to_stages(model: nn.Module, stage_keys: list[list[str]], local_stages:
         model.norm = None
         model.output = None
     return model
+
+
+def stage_view(model: nn.Module, keys: list[str], *, embedding: bool, head: bool) -> nn.Module:
+    """One of several stages of a rank's pruned model: an instance of the model's class holding
+    layers ``keys``, the embedding if ``embedding`` and the norm and head if ``head``. The
+    submodules are the model's (shared, so parameter names and optimizer state stay the
+    model's); the module and hook registries are its own, for FSDP and the schedule's hooks."""
+    stage = copy.copy(model)
+    nn.Module.__init__(stage)  # fresh registries; cfg and the model's other plain attributes stay
+    for name, child in model.named_children():
+        setattr(stage, name, child)
+    for name, buffer in model.named_buffers(recurse=False):
+        stage.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
+    stage.layers = nn.ModuleDict({k: model.layers[k] for k in keys})
+    if not embedding:
+        stage.tok_embeddings = None
+    if not head:
+        stage.norm = stage.output = None
+    return stage.train(model.training)
+
+
+def _encoded_neighbors_by_keyword(stage: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a RETRO stage: a stage after the encoder's receives (hidden states,
+    encoded neighbours) as the previous stage returned them; RetroModel takes the second by keyword."""
+    if len(args) == 2:
+        hidden, encoded = args
+        return (hidden,), {**kwargs, "encoded_neighbors": encoded}
+    return None
+
+
+class _GateShare:
+    """Forward hook of a stage holding gates: records the stage's share of the micro-batch's
+    gate mean (RetroModel.gate_mean over its layers, weighted by their part of all the model's
+    gates) and, with ``budget_scale`` (coefficient / micro-batches), adds budget_scale x share
+    to the backward of the stage's output (see the module docstring)."""
+
+    def __init__(self, weight: float, budget_scale: float):
+        self.weight, self.budget_scale = weight, budget_scale
+        self.shares: list[torch.Tensor] = []
+
+    def __call__(self, stage: nn.Module, args: tuple, output):
+        mean = stage.gate_mean()
+        if mean is None:  # ran without neighbours
+            return None
+        share = mean * self.weight
+        self.shares.append(share.detach())
+        if not (self.budget_scale and torch.is_grad_enabled()):
+            return None
+        if isinstance(output, tuple):
+            return (_AddToBackward.apply(output[0], self.budget_scale * share), *output[1:])
+        return _AddToBackward.apply(output, self.budget_scale * share)
+
+
+def _num_gates(model: nn.Module) -> int:
+    return sum(1 for layer in model.layers.values() if isinstance(layer, RetroBlock) and layer.gate is not None)
 
 
 # ----------------------------------------------------------------------------- the pipelined model
@@ -270,7 +261,8 @@ class PipelinedModel:
     def __init__(self, model: nn.Module, mesh: ParallelMesh, *, num_microbatches: int, schedule: str = "1F1B",
                  virtual_stages: int = 1, split: list[int] | None = None,
                  first_stage_layers: int | None = None, seq_length: int | None = None,
-                 sequence_parallel: bool = False, budget_loss_coeff: float = 0.0, fsdp: bool = False):
+                 sequence_parallel: bool = False, budget_loss_coeff: float = 0.0, fsdp: bool = False,
+                 bf16: bool = False, recompute_granularity: str | None = None, compile: bool = False):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown --pipeline-schedule {schedule!r} (expected one of {', '.join(SCHEDULES)})")
         interleaved = schedule == "interleaved-1F1B"
@@ -302,10 +294,8 @@ class PipelinedModel:
         self.local_stages = local
 
         # Which pipeline ranks hold a copy of the token embedding (see the module docstring).
-        encoder_key = _encoder_layer(model)
-        users = {0} | ({num_stages - 1} if _is_tied(model) else set())
-        users |= {s for s, keys in enumerate(stage_keys) if encoder_key in keys}
-        self.embedding_ranks = sorted({s % self.pp_size for s in users})
+        uses_embedding = embedding_stages(model, stage_keys)
+        self.embedding_ranks = sorted({s % self.pp_size for s in uses_embedding})
         self._embedding_group = None
         if len(self.embedding_ranks) > 1:
             # new_group is collective over the world: every rank creates every line's group.
@@ -315,35 +305,37 @@ class PipelinedModel:
                     self._embedding_group = group
 
         self.budget_loss_coeff = budget_loss_coeff
-        self.num_gates = sum(1 for layer in model.layers.values()
-                             if isinstance(layer, RetroBlock) and layer.gate is not None)
+        self.num_gates = _num_gates(model)
         if budget_loss_coeff and not self.num_gates:
             raise ValueError("--retro-budget-loss-coeff needs --retro-attention-gate")
+        # Each stage is the model pruned to it: the rank's model itself, or views of it when the
+        # rank runs several stages.
         self.model = prune_to_stages(model, stage_keys, local)
-        tp = mesh["tp"].size()
-        if tp > 1:
-            # The stage's share of the TP(+SP) plan; activations between stages stay plain tensors,
-            # the last stage's logits stay sharded on the vocabulary for loss_parallel().
-            parallelize_tensor_parallel(self.model, mesh["tp"], sequence_parallel=sequence_parallel)
-        shards = tp if sequence_parallel else 1
-        self.stage_modules = [StageModule(self.model, stage_keys[s], s == 0, s == num_stages - 1, shards,
-                                          self.num_gates, budget_loss_coeff / num_microbatches)
-                              for s in local]
+        self.stages = [self.model] if len(local) == 1 else [
+            stage_view(self.model, stage_keys[s], embedding=s in uses_embedding, head=s == num_stages - 1)
+            for s in local]
         self.fsdp = fsdp and self.dp_group is not None
-        if self.fsdp:
-            # Each block, then each stage as an FSDP root (its embedding, norm, head); the stage
-            # drives FSDP's gradient sync and post-backward itself (PipelineStage knows FSDPModule).
-            if len(local) > 1 and SHARED_EMBEDDING in dict(self.model.named_parameters()) and sum(
-                    m.tok_embeddings is not None for m in self.stage_modules) > 1:
-                raise ValueError("FSDP with interleaved stages that share the token embedding on one rank "
-                                 "is not supported; use --data-parallel-type ddp")
-            dp_mesh = data_parallel_mesh(mesh)
-            for block in self.model.layers.values():
-                fully_shard(block, mesh=dp_mesh)
-            for m in self.stage_modules:
-                fully_shard(m, mesh=dp_mesh)
-        stages = [PipelineStage(m, s, num_stages, device, group=self.pp_group)
-                  for m, s in zip(self.stage_modules, local)]
+        if self.fsdp and sum(stage.tok_embeddings is not None for stage in self.stages) > 1:
+            raise ValueError("FSDP with interleaved stages that share the token embedding on one rank "
+                             "is not supported; use --data-parallel-type ddp")
+        # The stage's share of the TP(+SP) plan (activations between stages stay plain tensors, the
+        # last stage's logits sharded on the vocabulary for loss_parallel()), then recompute and
+        # compile per block, then FSDP per block and per stage: each stage is an FSDP root that
+        # drives FSDP's gradient sync and post-backward itself (PipelineStage knows FSDPModule).
+        parallel_cfg = ParallelConfig(tensor_model_parallel_size=mesh["tp"].size(), sequence_parallel=sequence_parallel,
+                                      data_parallel_type="fsdp" if fsdp else "ddp")
+        parallelize_model(self.model, parallel_cfg, mesh, bf16=bf16, recompute_granularity=recompute_granularity,
+                          compile=compile, stages=self.stages)
+        self.gate_shares = []
+        for stage in self.stages:
+            if isinstance(stage, RetroModel):
+                stage.register_forward_pre_hook(_encoded_neighbors_by_keyword, with_kwargs=True)
+            if _num_gates(stage):
+                self.gate_shares.append(_GateShare(_num_gates(stage) / self.num_gates,
+                                                   budget_loss_coeff / num_microbatches))
+                stage.register_forward_hook(self.gate_shares[-1])
+        stages = [PipelineStage(stage, s, num_stages, device, group=self.pp_group)
+                  for stage, s in zip(self.stages, local)]
         n = num_microbatches
 
         def loss_fn(logits, labels):  # per micro-batch, scaled as one process accumulates
@@ -360,11 +352,9 @@ class PipelinedModel:
             raise ValueError(f"batch of {text.shape[0]} samples does not split into "
                              f"{self.num_microbatches} micro-batches")
         tokens, labels = text[:, :-1], text[:, 1:]
-        kwargs = {k: batch[k] for k in ("neighbor_tokens", "neighbor_mask") if k in batch}
-        if self.num_gates:
-            kwargs["decoder_tokens"] = tokens
-        for m in self.stage_modules:
-            m.gate_shares.clear()
+        kwargs = {"token_ids": tokens, **{k: batch[k] for k in ("neighbor_tokens", "neighbor_mask") if k in batch}}
+        for gate_share in self.gate_shares:
+            gate_share.shares.clear()
         losses = []
         args = (tokens,) if 0 in self.local_stages else ()
         target = labels if self.has_last_stage else None
@@ -387,7 +377,7 @@ class PipelinedModel:
         device = next(self.model.parameters()).device
         n = self.num_microbatches
         # The first step's metadata inference runs one forward of its own before the n real ones.
-        mean = sum((torch.stack(m.gate_shares[-n:]).sum() for m in self.stage_modules if m.gate_shares),
+        mean = sum((torch.stack(g.shares[-n:]).sum() for g in self.gate_shares if g.shares),
                    torch.zeros((), device=device)).float() / n
         dist.all_reduce(mean, group=self.pp_group)
         metrics = {GATE_MEAN: mean}
@@ -405,13 +395,13 @@ class PipelinedModel:
 
     @torch.no_grad()
     def eval_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        for m in self.stage_modules:
-            m.eval()
+        for stage in self.stages:
+            stage.eval()
         try:
             return self._run(batch, train=False)
         finally:
-            for m in self.stage_modules:
-                m.train()
+            for stage in self.stages:
+                stage.train()
 
     def _local_grad(self, p: torch.Tensor) -> torch.Tensor | None:
         if p.grad is None:
@@ -484,9 +474,10 @@ def pipeline_layout(parallel: ParallelConfig, num_layers: int) -> tuple[str, int
 
 def pipeline_parallelize_fn(model: nn.Module, cfg: RunConfig, env: DistEnv) -> Parallelized:
     """megatron.parallel.parallelize.parallelize_fn under --pipeline-model-parallel-size > 1: cut
-    the model into this rank's stages with their share of the TP(+SP) plan, then recompute /
-    compile per block, then FSDP2 or DDP-style data parallel (see PipelinedModel). The trainer drives
-    ``Parallelized.pipeline`` (its LM loss on batch["text"]) instead of its forward_step."""
+    the model into this rank's stages, each parallelized as parallelize_model does any model
+    (TP(+SP), recompute, compile, then FSDP2; or DDP-style data parallel, see PipelinedModel).
+    The trainer drives ``Parallelized.pipeline`` (its LM loss on batch["text"]) instead of its
+    forward_step."""
     p, t = cfg.parallel, cfg.training
     if not env.is_distributed:
         raise ValueError(f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size} needs that many "
@@ -499,10 +490,7 @@ def pipeline_parallelize_fn(model: nn.Module, cfg: RunConfig, env: DistEnv) -> P
                           first_stage_layers=p.decoder_first_pipeline_num_layers, seq_length=cfg.model.seq_length,
                           sequence_parallel=p.sequence_parallel,
                           budget_loss_coeff=getattr(cfg.extra.get("retro"), "budget_loss_coeff", 0.0),
-                          fsdp=p.data_parallel_type == "fsdp")
-    if t.recompute_granularity is not None:
-        apply_activation_checkpointing(pipe.model, t.recompute_granularity)
-    if t.use_torch_compile:
-        compile_blocks(pipe.model, copy_view_inputs=p.tensor_model_parallel_size > 1)
+                          fsdp=p.data_parallel_type == "fsdp", bf16=t.bf16,
+                          recompute_granularity=t.recompute_granularity, compile=t.use_torch_compile)
     return Parallelized(pipe.model, dp_rank=dp_rank, dp_size=dp_size,
                         dp_group=mesh["dp"].get_group() if dp_size > 1 else None, pipeline=pipe)

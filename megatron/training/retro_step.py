@@ -6,11 +6,9 @@ import torch
 from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.models.gpt.model import GPTModel
 from megatron.models.loss import LM_LOSS, lm_loss
-from megatron.models.retro.model import RetroModel, retro_flops_per_token
+from megatron.models.retro.model import BUDGET_LOSS, GATE_MEAN, RetroModel, retro_flops_per_token
 from megatron.training.config import Config
 
-BUDGET_LOSS = "budget loss"
-GATE_MEAN = "gate mean"
 # Below this retrieval-off minus retrieval-on lm loss a model is taken to ignore its neighbours
 # (evaluate.py's --min-delta warning, the quickstart's verdict).
 MIN_RETRIEVAL_GAIN = 0.01
