@@ -262,7 +262,8 @@ class PipelinedModel:
                  virtual_stages: int = 1, split: list[int] | None = None,
                  first_stage_layers: int | None = None, seq_length: int | None = None,
                  sequence_parallel: bool = False, budget_loss_coeff: float = 0.0, fsdp: bool = False,
-                 bf16: bool = False, recompute_granularity: str | None = None, compile: bool = False):
+                 bf16: bool = False, recompute_granularity: str | None = None, compile: bool = False,
+                 compile_backend: str = "inductor"):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown --pipeline-schedule {schedule!r} (expected one of {', '.join(SCHEDULES)})")
         interleaved = schedule == "interleaved-1F1B"
@@ -325,7 +326,7 @@ class PipelinedModel:
         parallel_cfg = ParallelConfig(tensor_model_parallel_size=mesh["tp"].size(), sequence_parallel=sequence_parallel,
                                       data_parallel_type="fsdp" if fsdp else "ddp")
         parallelize_model(self.model, parallel_cfg, mesh, bf16=bf16, recompute_granularity=recompute_granularity,
-                          compile=compile, stages=self.stages)
+                          compile=compile, compile_backend=compile_backend, stages=self.stages)
         self.gate_shares = []
         for stage in self.stages:
             if isinstance(stage, RetroModel):

@@ -9,6 +9,10 @@ Through the trainer (pretrain with parallelize_fn): pp2, interleaved, pp2 x fsdp
 process, and DCP checkpoints move between pp2 x tp2 + sp and one process both ways (pp2 <- one
 process).
 
+Recompute (full, selective, interleaved) and compile under pp2 change no numbers either, with
+RETRO's budget too; pp2 x fsdp2 with the bf16 policy computes in bf16 on fp32 master weights and
+trains within bf16's precision of one fp32 process.
+
 RETRO (4 layers, retro layers 2 and 3, the encoder in layer 2) is cut three ways:
 - [2, 2]: the encoder in the last layer of stage 0, retro layer 3 the first layer of stage 1, so
   the encoded neighbours and their gradient cross the stage boundary;
@@ -20,6 +24,7 @@ This file is also the worker: ``python test_pipeline_parity.py SPEC.json OUT.jso
 """
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -132,7 +137,12 @@ def run_pipelined(spec: dict) -> dict:
     pipe = PipelinedModel(build_model(kind), mesh, num_microbatches=MICRO // dp_size,
                           schedule=spec.get("schedule", "1F1B"), virtual_stages=spec.get("virtual", 1),
                           split=spec.get("split"), sequence_parallel=cfg.sequence_parallel,
-                          budget_loss_coeff=spec.get("budget", 0.0), fsdp=cfg.data_parallel_type == "fsdp")
+                          budget_loss_coeff=spec.get("budget", 0.0), fsdp=cfg.data_parallel_type == "fsdp",
+                          bf16=spec.get("bf16", False), recompute_granularity=spec.get("recompute"),
+                          compile=spec.get("compile", False), compile_backend=spec.get("compile_backend", "inductor"))
+    compute_dtypes = set()  # of the weights the blocks' matmuls read: FSDP's mixed-precision policy casts them
+    for layer in pipe.model.layers.values():
+        layer.attention.wq.register_forward_hook(lambda m, args, out: compute_dtypes.add(str(m.weight.dtype)))
     opt = torch.optim.AdamW(pipe.model.parameters(), lr=1e-2, weight_decay=0.1)
     losses, norms, gate_means = [], [], []
     for step in range(STEPS):
@@ -160,7 +170,8 @@ def run_pipelined(spec: dict) -> dict:
     dist.all_gather_object(gathered, mine)
     merged = {"losses": losses, "grad_norms": norms, "gate_means": gate_means, "split": pipe.split,
               "grads": {}, "params": {},
-              "sharded": any(isinstance(p, DTensor) for p in pipe.model.parameters())}
+              "sharded": any(isinstance(p, DTensor) for p in pipe.model.parameters()),
+              "compute_dtypes": sorted(compute_dtypes), "param_dtypes": sorted({str(p.dtype) for p in pipe.model.parameters()})}
     for part in gathered:
         for key in ("grads", "params"):
             merged[key].update(part[key])
@@ -275,6 +286,42 @@ def test_pipeline_times_data_parallel_matches_one_process(tmp_path, single, kind
         want = reference(kind, spec["budget"]) if "budget" in spec else single
         assert_same(got[name], want, f"{kind} {name}")
     assert got["pp2_fsdp2"]["sharded"] and not got["pp2_dp2"]["sharded"]
+
+
+# Parallelized as parallelize_model does any model (TP, recompute, compile, then FSDP): recompute
+# and compile change no numbers under pp2 either. Compile on aot_eager, as the data-parallel parity
+# tests, for the multi-process runs without inductor's C++ compile time.
+SWITCHES = {"pp2_recompute_full": {"recompute": "full"},
+            "pp2_interleaved_recompute_selective": {"schedule": "interleaved-1F1B", "virtual": 2,
+                                                    "recompute": "selective"},
+            "pp2_compile": {"compile": True, "compile_backend": "aot_eager"},
+            "pp2_compile_recompute_budget_loss": {"compile": True, "compile_backend": "aot_eager",
+                                                  "recompute": "selective", "split": [2, 2], "budget": 0.5}}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_pipeline_with_recompute_and_compile_matches_one_process(tmp_path, single, kind):
+    layouts = {name: spec for name, spec in SWITCHES.items() if kind == "retro" or "budget" not in spec}
+    got = launched(tmp_path, [{"name": name, "kind": kind, **spec} for name, spec in layouts.items()], 2,
+                   timeout=300)
+    for name, spec in layouts.items():
+        assert_same(got[name], reference(kind, spec["budget"]) if "budget" in spec else single, f"{kind} {name}")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gpt"], indirect=True)
+def test_pipeline_fsdp_bf16_policy_trains_close_to_fp32(tmp_path, single, kind):
+    """pp2 x fsdp2 with data_parallel.py's policy: fp32 master weights, bf16 matmuls, losses within
+    bf16's precision of one fp32 process."""
+    got = launched(tmp_path, [{"name": "pp2_fsdp2_bf16", "kind": kind, "dp_type": "fsdp", "bf16": True}], 4,
+                   timeout=240)["pp2_fsdp2_bf16"]
+    assert got["sharded"] and got["param_dtypes"] == ["torch.float32"]
+    assert got["compute_dtypes"] == ["torch.bfloat16"], "the bf16 policy did not cast the blocks' weights"
+    assert all(math.isfinite(loss) for loss in got["losses"])
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(single["losses"]), rtol=2e-2, atol=0)
+    assert got["losses"] != single["losses"]
 
 
 if __name__ == "__main__":
