@@ -4,7 +4,9 @@ Megatron's scheme, expressed as placements on the "tp" mesh dimension:
 
 - attention: wq/wk/wv column-parallel (each rank owns num_heads / tp whole heads; the model
   reshapes heads with -1, so it sees only its own), wo row-parallel; MLP: w1/w3 column-, w2
-  row-parallel. One all-reduce per sublayer forward and one backward.
+  row-parallel. One all-reduce per sublayer forward and one backward. Grouped-query attention
+  splits its key/value heads the same way (num_query_groups / tp each, so tp must divide them):
+  rank r's query heads are those whose shared key/value heads rank r holds.
 - vocab-parallel embedding: the table is split along the vocabulary (``RowwiseParallel`` on an
   ``nn.Embedding`` shards dim 0); each rank looks up the ids it owns and the partial results are
   summed.
@@ -250,6 +252,8 @@ def check_divisible(model: nn.Module, tp: int, sequence_parallel: bool):
     cfg = model.cfg
     sizes = [("--num-attention-heads", cfg.num_attention_heads), ("--ffn-hidden-size", cfg.ffn_hidden_size),
              ("the padded vocabulary size", cfg.vocab_size)]
+    if cfg.num_query_groups is not None:
+        sizes.append(("--num-query-groups", cfg.num_query_groups))
     retro_cfg = getattr(model, "retro_cfg", None)
     if retro_cfg is not None:
         enc = retro_cfg.encoder_model_config(cfg)

@@ -2,7 +2,8 @@
 
 Flags keep Megatron-LM's names so existing launch scripts carry over. Every flag whose argparse
 destination equals a field name of a config section fills that field; the few flags that do not
-map one to one (--use-distributed-optimizer, --recompute-activations, --disable-bias-linear) are
+map one to one (--use-distributed-optimizer, --recompute-activations, --disable-bias-linear,
+--group-query-attention) are
 translated in `_translate`. Defaults come from the dataclasses, so they live in one place.
 
 Entry points with their own flags (pretrain_retro.py) pass `extra_args_provider(parser)` to add a
@@ -44,6 +45,10 @@ def _add_model_args(parser):
     g.add_argument("--num-layers", type=int, default=d("num_layers"))
     g.add_argument("--hidden-size", type=int, default=d("hidden_size"))
     g.add_argument("--num-attention-heads", type=int, default=d("num_attention_heads"))
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="grouped-query attention with --num-query-groups key/value heads")
+    g.add_argument("--num-query-groups", type=int, default=None,
+                   help="key/value heads under --group-query-attention (default: 1, Megatron's)")
     g.add_argument("--ffn-hidden-size", type=int, default=d("ffn_hidden_size"),
                    help="default: 4h (GELU) or 8h/3 rounded up to 64 (SwiGLU)")
     g.add_argument("--seq-length", type=int, default=d("seq_length"))
@@ -57,6 +62,13 @@ def _add_model_args(parser):
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    default=d("untie_embeddings_and_output_weights"))
     g.add_argument("--rotary-base", type=float, default=d("rotary_base"))
+    g.add_argument("--use-rope-scaling", action="store_true", default=d("use_rope_scaling"),
+                   help="Llama-3's RoPE frequency scaling (HF rope_scaling type llama3)")
+    g.add_argument("--rope-scaling-factor", type=float, default=d("rope_scaling_factor"))
+    g.add_argument("--rope-scaling-low-freq-factor", type=float, default=d("rope_scaling_low_freq_factor"))
+    g.add_argument("--rope-scaling-high-freq-factor", type=float, default=d("rope_scaling_high_freq_factor"))
+    g.add_argument("--rope-scaling-original-max-position-embeddings", type=int,
+                   default=d("rope_scaling_original_max_position_embeddings"))
     g.add_argument("--init-method-std", type=float, default=d("init_method_std"))
     g.add_argument("--hidden-dropout", type=float, default=d("hidden_dropout"))
     g.add_argument("--attention-dropout", type=float, default=d("attention_dropout"))
@@ -64,6 +76,8 @@ def _add_model_args(parser):
     bias.add_argument("--add-bias-linear", dest="add_bias_linear", action="store_true",
                       default=d("add_bias_linear"))
     bias.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false")
+    g.add_argument("--add-qkv-bias", action="store_true", default=d("add_qkv_bias"),
+                   help="biases on the query, key and value projections only (Qwen2)")
 
 
 def _add_data_args(parser):
@@ -181,6 +195,12 @@ def _translate(args: argparse.Namespace):
         args.data_parallel_type = "fsdp"
     if args.recompute_activations and args.recompute_granularity is None:
         args.recompute_granularity = "selective"
+    # Megatron's --num-query-groups defaults to 1 and counts only with --group-query-attention;
+    # the config's None is plain multi-head attention.
+    if not args.group_query_attention:
+        args.num_query_groups = None
+    elif args.num_query_groups is None:
+        args.num_query_groups = 1
 
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace):
@@ -198,6 +218,10 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if args.global_batch_size is not None and args.global_batch_size % args.micro_batch_size:
         parser.error(f"--global-batch-size {args.global_batch_size} is not a multiple of "
                      f"--micro-batch-size {args.micro_batch_size}")
+    if args.num_query_groups is not None and (
+            args.num_query_groups < 1 or args.num_attention_heads % args.num_query_groups):
+        parser.error(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+                     f"--num-query-groups {args.num_query_groups}")
     if args.min_lr > args.lr:
         parser.error(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     if args.lr_warmup_iters < 0:

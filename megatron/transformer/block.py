@@ -15,7 +15,8 @@ class TransformerBlock(nn.Module):
         self.layer_number = layer_number  # 1-based, Megatron's convention
         self.attention_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon)
         self.attention = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim,
-                                   bias=cfg.add_bias_linear, dropout=cfg.attention_dropout)
+                                   bias=cfg.add_bias_linear, dropout=cfg.attention_dropout,
+                                   num_kv_heads=cfg.num_kv_heads, qkv_bias=cfg.add_qkv_bias)
         self.mlp_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon)
         self.mlp = MLP(cfg.hidden_size, cfg.ffn_hidden_size, cfg.swiglu, bias=cfg.add_bias_linear)
         self.dropout = nn.Dropout(cfg.hidden_dropout)

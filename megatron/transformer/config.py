@@ -7,12 +7,19 @@ import it from here, and nothing here imports them.
 
 from dataclasses import dataclass
 
+from megatron.transformer.rotary import Llama3RopeScaling
+
 
 @dataclass
 class ModelConfig:
     num_layers: int = 4
     hidden_size: int = 256
     num_attention_heads: int = 4
+    # Grouped-query attention (--group-query-attention --num-query-groups): the key/value heads,
+    # each shared by num_attention_heads / num_query_groups query heads. None: one per query head.
+    # Checked where the decoder's attention is built, not here: RETRO's encoder config is this one
+    # resized to its own heads, and keeps one key/value head per query head.
+    num_query_groups: int | None = None
     ffn_hidden_size: int | None = None  # None: 4h for GELU, 8h/3 rounded to 64 for SwiGLU
     seq_length: int = 256
     max_position_embeddings: int | None = None  # None: seq_length
@@ -23,10 +30,17 @@ class ModelConfig:
     swiglu: bool = True
     untie_embeddings_and_output_weights: bool = False
     rotary_base: float = 10000.0
+    # Llama-3's RoPE scaling (--use-rope-scaling; HF rope_scaling type "llama3"), defaults Llama-3.1's.
+    use_rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_original_max_position_embeddings: int = 8192
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     add_bias_linear: bool = False
+    add_qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2)
 
     def __post_init__(self):
         if self.max_position_embeddings is None:
@@ -45,6 +59,18 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_attention_heads if self.num_query_groups is None else self.num_query_groups
+
+    @property
+    def rope_scaling(self) -> Llama3RopeScaling | None:
+        if not self.use_rope_scaling:
+            return None
+        return Llama3RopeScaling(self.rope_scaling_factor, self.rope_scaling_low_freq_factor,
+                                 self.rope_scaling_high_freq_factor,
+                                 self.rope_scaling_original_max_position_embeddings)
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int) -> int:

@@ -26,7 +26,8 @@ class GPTModel(nn.Module):
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if not cfg.untie_embeddings_and_output_weights:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rotary_base)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rotary_base,
+                               scaling=cfg.rope_scaling)
         # Not persistent: derived from the config, so checkpoints need not carry them.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -67,7 +68,7 @@ class GPTModel(nn.Module):
                 module.reset_parameters()
         if buffer_device is not None or self.rope_cos.device.type == "meta":
             cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_position_embeddings,
-                                   self.cfg.rotary_base, device=buffer_device)
+                                   self.cfg.rotary_base, device=buffer_device, scaling=self.cfg.rope_scaling)
             self.rope_cos, self.rope_sin = cos, sin
 
     def forward(self, tokens: torch.Tensor, *, token_ids: torch.Tensor | None = None) -> torch.Tensor:
