@@ -5,8 +5,8 @@ compare: the global loss of every step and a sample of parameters gathered to fu
 Run by launcher.py as ``python tests/distributed/parallel_worker.py SPEC.json OUT.json``; the
 single-process reference calls ``run`` in the test process itself (mesh None).
 SPEC is a list of runs, executed in order in the same process group:
-    {"name", "kind": "gpt"|"retro", "parallel": ParallelConfig kwargs, "bf16", "recompute",
-     "compile", "steps", "save_at", "save_dir", "load_dir", "die_rank", "die_at"}
+    {"name", "kind": "gpt"|"retro", "model": ModelConfig overrides, "parallel": ParallelConfig kwargs,
+     "bf16", "recompute", "compile", "steps", "save_at", "save_dir", "load_dir", "die_rank", "die_at"}
 """
 
 import json
@@ -50,17 +50,19 @@ SAMPLED_PARAMS = {
 }
 
 
-def model_config(kind: str) -> ModelConfig:
-    return ModelConfig(vocab_size=VOCAB, num_layers=3 if kind == "retro" else 2, hidden_size=32,
-                       num_attention_heads=4, ffn_hidden_size=64, seq_length=SEQ[kind])
+def model_config(kind: str, **overrides) -> ModelConfig:
+    base = dict(vocab_size=VOCAB, num_layers=3 if kind == "retro" else 2, hidden_size=32, num_attention_heads=4,
+                ffn_hidden_size=64, seq_length=SEQ[kind])
+    return ModelConfig(**{**base, **overrides})
 
 
-def build_model(kind: str) -> torch.nn.Module:
+def build_model(kind: str, overrides: dict | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
+    cfg = model_config(kind, **(overrides or {}))
     if kind == "gpt":
-        model = GPTModel(model_config(kind))
+        model = GPTModel(cfg)
     elif kind == "retro":
-        model = RetroModel(model_config(kind), RETRO)
+        model = RetroModel(cfg, RETRO)
     else:
         raise ValueError(f"unknown model kind {kind!r}")
     model.init_weights()
@@ -146,7 +148,7 @@ def run(spec: dict) -> dict:
     parallel_cfg = ParallelConfig(**spec.get("parallel", {}))
     env = initialize_distributed(parallel_cfg)
     mesh = build_device_mesh(parallel_cfg, env.device.type) if env.is_distributed else None
-    model = build_model(kind)
+    model = build_model(kind, spec.get("model"))
     parallelize_model(model, parallel_cfg, mesh, bf16=spec.get("bf16", False),
                       recompute_granularity=spec.get("recompute"), compile=spec.get("compile", False),
                       compile_backend=spec.get("compile_backend", "inductor"))

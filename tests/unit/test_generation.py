@@ -423,3 +423,15 @@ def test_evaluate_ckpt_step_scores_that_iteration_not_the_latest(workspace, tmp_
     latest = evaluate(str(tmp_path / "ckpt"), str(workspace["work_dir"]), eval_samples=2)
     assert (first["step"], latest["step"]) == (2, 4)
     assert first["retrieval_off"]["lm_loss"] != pytest.approx(latest["retrieval_off"]["lm_loss"], rel=1e-3)
+
+
+def test_grouped_query_attention_caches_its_key_value_heads_and_decodes_as_the_full_forward():
+    torch.manual_seed(0)
+    gpt = GPTModel(dataclasses.replace(tiny_retro().cfg, num_query_groups=1, add_qkv_bias=True))
+    gpt.init_weights()
+    gpt.eval()
+    tokens = torch.randint(0, V, (1, 13), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(incremental_logits(gpt, tokens, [4] + [1] * 9), gpt(tokens), rtol=1e-5, atol=1e-5)
+    decoder = IncrementalDecoder(gpt)
+    decoder.step(tokens)
+    assert decoder.caches["0"].keys.shape[2] == 1  # one copy of the shared head, not one per query head

@@ -75,3 +75,30 @@ def test_sequence_longer_than_positions_is_refused():
     model = build(tiny_config(max_position_embeddings=16))
     with pytest.raises(ValueError, match="max-position-embeddings"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_grouped_query_attention_is_mha_with_shared_key_value_heads():
+    """Query heads 2g and 2g+1 share key/value head g: MHA whose wk/wv repeat each head twice."""
+    gqa = build(tiny_config(num_query_groups=2, add_qkv_bias=True)).eval()
+    mha = GPTModel(tiny_config(add_qkv_bias=True)).eval()
+    head_dim = gqa.cfg.head_dim
+    state = gqa.state_dict()
+    for name, tensor in list(state.items()):
+        if name.split(".")[-2] in ("wk", "wv"):
+            heads = tensor.unflatten(0, (-1, head_dim))
+            state[name] = heads.repeat_interleave(2, dim=0).flatten(0, 1)
+    mha.load_state_dict(state)
+    assert gqa.layers["0"].attention.wk.weight.shape == (2 * head_dim, 32)
+    assert gqa.layers["0"].attention.wq.bias is not None and gqa.layers["0"].attention.wo.bias is None
+    tokens = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(tokens), mha(tokens), rtol=1e-6, atol=1e-6)
+
+
+def test_query_groups_must_divide_heads_and_tensor_parallel_size():
+    from megatron.parallel.tensor_parallel import check_divisible
+
+    with pytest.raises(ValueError, match="--num-attention-heads 4 is not divisible by --num-query-groups 3"):
+        GPTModel(tiny_config(num_query_groups=3))
+    with pytest.raises(ValueError, match="--num-query-groups 2 is not divisible by --tensor-model-parallel-size 4"):
+        check_divisible(GPTModel(tiny_config(vocab_size=128, num_query_groups=2)), 4, False)
