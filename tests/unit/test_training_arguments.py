@@ -54,6 +54,10 @@ def test_megatron_shorthands_translate():
     assert cfg.parallel.data_parallel_type == "fsdp"
     assert cfg.training.recompute_granularity == "selective"
     assert parse_args(["--recompute-granularity", "full", "--recompute-activations"]).training.recompute_granularity == "full"
+    # Megatron's --num-query-groups: 1 by default, and counted only with --group-query-attention.
+    assert parse_args(["--group-query-attention"]).model.num_query_groups == 1
+    assert parse_args(["--group-query-attention", "--num-query-groups", "2"]).model.num_kv_heads == 2
+    assert parse_args(["--num-query-groups", "2"]).model.num_query_groups is None
 
 
 def test_no_field_name_is_claimed_by_two_sections():
@@ -68,6 +72,7 @@ def test_no_field_name_is_claimed_by_two_sections():
     (["--wandb-project", "retro"], "--wandb-exp-name"),
     (["--num-layers", "0"], "--num-layers"),
     (["--hidden-size", "100", "--num-attention-heads", "3"], "not divisible"),
+    (["--group-query-attention", "--num-query-groups", "3"], "--num-query-groups 3"),
     (["--lr-decay-style", "exponential"], "invalid choice"),
 ])
 def test_bad_arguments_are_refused_with_the_flag_named(argv, message, capsys):

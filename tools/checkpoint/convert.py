@@ -257,15 +257,15 @@ def from_hf(hf_dir: str, save: str, seq_length: int = 2048) -> tuple[ModelConfig
     returns its config and the tokenizer directory the flags name."""
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf = json.load(f)
-    tokenizer_dir = os.path.abspath(os.path.join(save, TOKENIZER_DIR))
     if find_checkpoint(save) is not None:
         raise ValueError(f"{save}: already holds a checkpoint; convert into an empty directory")
-    copy_tokenizer(hf_dir, tokenizer_dir)
     # The tokenizer the flags name is the one training reads: its vocabulary decides the padding.
-    cfg = model_config_from_hf(hf, HuggingFaceTokenizer(tokenizer_dir).vocab_size, seq_length)
+    cfg = model_config_from_hf(hf, HuggingFaceTokenizer(hf_dir).vocab_size, seq_length)
     hf_state = read_hf_weights(hf_dir)
-    state = {gpt_name(name): tensor.float() for name, tensor in hf_state.items() if gpt_name(name) is not None}
-    unplaced = sorted(name for name in hf_state if gpt_name(name) is None and "rotary_emb" not in name)
+    names = {name: gpt_name(name) for name in hf_state}
+    state = {names[name]: tensor.float() for name, tensor in hf_state.items() if names[name] is not None}
+    # Old checkpoints carry RoPE's inverse frequencies, which GPTModel derives from the config.
+    unplaced = sorted(name for name, ours in names.items() if ours is None and "rotary_emb" not in name)
     expected = model_parameter_names(cfg)
     if unplaced or set(state) != set(expected):
         missing = sorted(set(expected) - set(state))
@@ -276,6 +276,8 @@ def from_hf(hf_dir: str, save: str, seq_length: int = 2048) -> tuple[ModelConfig
     model.load_state_dict(state, strict=False, assign=True)  # strict=False: a tied head is absent
     if not cfg.untie_embeddings_and_output_weights:
         model.output.weight = model.tok_embeddings.weight  # assign replaced the tied parameter
+    tokenizer_dir = os.path.abspath(os.path.join(save, TOKENIZER_DIR))
+    copy_tokenizer(hf_dir, tokenizer_dir)
     config = {"model": dataclasses.asdict(cfg),
               "data": {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": tokenizer_dir},
               "converted_from": os.path.abspath(hf_dir)}
@@ -327,7 +329,8 @@ def main(argv=None) -> int:
     p.add_argument("--from-hf", metavar="DIR", help="a local HF LlamaForCausalLM / Qwen2ForCausalLM directory")
     p.add_argument("--save", help="--from-hf: the checkpoint root to write")
     p.add_argument("--seq-length", type=int, default=2048,
-                   help="--from-hf: the training sequence length the checkpoint's config records")
+                   help="--from-hf: the training sequence length the checkpoint's config records "
+                        "(at most the model's max_position_embeddings)")
     args = p.parse_args(argv)
     if args.from_hf is not None:
         if args.save is None or args.load is not None:
