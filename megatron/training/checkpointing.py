@@ -32,7 +32,7 @@ import random
 import re
 import shutil
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from megatron.parallel.ranks import barrier, is_distributed, rank_and_world_size
+from megatron.transformer.config import ModelConfig
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "config.json"
@@ -340,6 +341,8 @@ def _model_flag(name: str, value) -> str:
 def check_model_config(saved: dict, current: dict, path: str):
     """Refuse a checkpoint whose architecture differs from the model about to receive it, naming
     the flag: fields given directly are compared before those derived from them."""
+    # A field added since the checkpoint was saved held its default then (GQA's, RoPE scaling's).
+    saved = {f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING} | saved
     given = [name for name in {**current, **saved} if name not in _DERIVED_MODEL_FIELDS]
     for name in given + list(_DERIVED_MODEL_FIELDS):
         have, want = saved.get(name), current.get(name)

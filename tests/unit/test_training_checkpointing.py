@@ -154,6 +154,15 @@ def test_a_different_architecture_is_refused_by_name(tmp_path):
     assert load_checkpoint(str(tmp_path), model, opt, sched, model_config=dropout_changed).iteration == 1
 
 
+def test_a_checkpoint_saved_before_a_model_field_existed_loads_with_its_default(tmp_path):
+    model, opt, sched = _setup()
+    _save(tmp_path, 1, model, opt, sched)
+    older = {k: v for k, v in asdict(MODEL).items() if k not in ("num_query_groups", "add_qkv_bias")}
+    ckpt.check_model_config(older, asdict(MODEL), "CKPT")
+    with pytest.raises(ValueError, match="qkv"):
+        ckpt.check_model_config(older, asdict(MODEL) | {"add_qkv_bias": True}, "CKPT")
+
+
 def test_a_mismatch_names_the_flag_given_not_a_field_derived_from_it():
     def refused(saved, current):
         with pytest.raises(ValueError) as e:
