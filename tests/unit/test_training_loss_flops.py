@@ -34,10 +34,10 @@ def test_lm_loss_mask_averages_only_unmasked_tokens():
     assert lm_loss(logits, labels, torch.zeros(2, 4)).item() == 0.0
 
 
-@pytest.mark.parametrize("swiglu, untie", [(True, False), (False, True)])
-def test_matmul_params_are_the_models_linear_weights(swiglu, untie):
+@pytest.mark.parametrize("swiglu, untie, groups", [(True, False, None), (False, True, None), (True, False, 2)])
+def test_matmul_params_are_the_models_linear_weights(swiglu, untie, groups):
     cfg = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=256,
-                      swiglu=swiglu, untie_embeddings_and_output_weights=untie)
+                      swiglu=swiglu, untie_embeddings_and_output_weights=untie, num_query_groups=groups)
     model = GPTModel(cfg)
     linears = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     assert gpt_matmul_params(cfg) == linears  # includes the head, tied or not; not the lookup

@@ -6,7 +6,8 @@ Formula (PaLM, appendix B; the count Megatron-LM's MFU also rests on):
     flops_per_token = 6 * N_matmul + 12 * L * s * h
 
 - N_matmul: parameters that take part in a matmul per token: every linear of every block
-  (attention q/k/v/o, MLP) and the output head (V * h), tied or not. The input embedding is a
+  (attention q/k/v/o, MLP) and the output head (V * h), tied or not. Under grouped-query
+  attention k and v project to the key/value heads only: 2 * h * (groups * head_dim) each. The input embedding is a
   lookup, not a matmul, so it is excluded (it still counts once through a tied head).
   Norm weights and biases are elementwise and excluded. Forward is 2 FLOPs per parameter per
   token (multiply + add), backward twice that: 6 in all.
@@ -23,7 +24,8 @@ from megatron.transformer.config import ModelConfig
 
 def gpt_matmul_params(cfg: ModelConfig) -> int:
     h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
-    attention = 4 * h * h
+    kv_width = cfg.num_kv_heads * cfg.head_dim
+    attention = 2 * h * h + 2 * h * kv_width
     mlp = (3 if cfg.swiglu else 2) * h * f
     return cfg.num_layers * (attention + mlp) + v * h
 
