@@ -17,12 +17,11 @@ from megatron.data.blended_dataset import parse_data_path
 from megatron.data.builder import build_gpt_datasets, check_token_ids
 from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.models.gpt.model import GPTModel
-from megatron.models.loss import LM_LOSS, lm_loss
 from megatron.parallel.parallelize import parallelize_fn
 from megatron.training.arguments import parse_args
 from megatron.training.config import Config
 from megatron.training.tokenizer import build_run_tokenizer
-from megatron.training.trainer import pretrain
+from megatron.training.trainer import next_token_loss, pretrain
 
 
 def model_provider(cfg: Config) -> GPTModel:
@@ -30,10 +29,7 @@ def model_provider(cfg: Config) -> GPTModel:
 
 
 def forward_step(model, batch: dict):
-    text = batch["text"]
-    tokens, labels = text[:, :-1], text[:, 1:]
-    loss = lm_loss(model(tokens), labels)
-    return loss, {LM_LOSS: loss.detach()}
+    return next_token_loss(model(batch["text"][:, :-1]), batch)
 
 
 def datasets_provider(cfg: Config, num_samples: tuple[int, int, int]):
@@ -47,7 +43,7 @@ def main(argv=None) -> dict:
     tokenizer = build_run_tokenizer(cfg)
     check_token_ids([prefix for _, prefix in parse_data_path(cfg.data.data_path)], tokenizer.vocab_size,
                     cfg.data.tokenizer_model or cfg.data.vocab_file, cfg.data.data_cache_path)
-    return pretrain(cfg, model_provider, forward_step, datasets_provider,
+    return pretrain(cfg, model_provider, forward_step, datasets_provider, loss_fn=next_token_loss,
                     flops_per_token=gpt_flops_per_token(cfg.model), parallelize_fn=parallelize_fn)
 
 

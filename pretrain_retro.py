@@ -18,7 +18,7 @@ import sys
 from megatron.parallel.parallelize import parallelize_fn
 from megatron.training import retro_config, retro_data, retro_fit, retro_step
 from megatron.training.arguments import parse_args
-from megatron.training.trainer import pretrain
+from megatron.training.trainer import next_token_loss, pretrain
 
 
 def main(argv=None) -> dict:
@@ -29,9 +29,9 @@ def main(argv=None) -> dict:
     except ValueError as e:  # a work dir that does not fit this run: say which field, no traceback
         raise SystemExit(f"error: {e}") from None
     return pretrain(cfg, retro_step.model_provider, retro_step.make_forward_step(cfg),
-                    lambda c, counts: retro_data.datasets(c, counts),
-                    flops_per_token=retro_step.flops_per_token(cfg), parallelize_fn=parallelize_fn,
-                    post_init_fn=retro_fit.post_init)
+                    lambda c, counts: retro_data.datasets(c, counts), loss_fn=next_token_loss,
+                    budget_loss_fn=retro_step.make_budget_loss_fn(cfg), flops_per_token=retro_step.flops_per_token(cfg),
+                    parallelize_fn=parallelize_fn, post_init_fn=retro_fit.post_init)
 
 
 if __name__ == "__main__":

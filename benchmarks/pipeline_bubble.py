@@ -35,6 +35,7 @@ from megatron.models.retro.model import RetroModel  # noqa: E402
 from megatron.parallel.config import ParallelConfig  # noqa: E402
 from megatron.parallel.mesh import build_device_mesh  # noqa: E402
 from megatron.parallel.pipeline import PipelinedModel  # noqa: E402
+from megatron.training.trainer import next_token_loss  # noqa: E402
 from megatron.transformer.config import ModelConfig  # noqa: E402
 
 PP = 2
@@ -106,7 +107,7 @@ def pipeline_worker(rank: int, port: int, args, out_path: str):
             def step():
                 for p in pipe.model.parameters():
                     p.grad = None
-                pipe.train_step(batch)
+                pipe.train_step(batch, next_token_loss)
 
             dist.barrier()
             results[f"{schedule} {m}"] = timed(step, args.steps)

@@ -37,9 +37,6 @@ class RunConfig(Protocol):
     @property
     def parallel(self) -> ParallelConfig: ...
 
-    @property
-    def extra(self) -> dict: ...  # the entry points' own sections, e.g. RETRO's budget loss coefficient
-
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -67,8 +64,8 @@ class Parallelized:
     dp_size: int = 1
     dp_group: Any = None  # process group over which metrics are averaged; None when dp_size is 1
     # megatron.parallel.pipeline.PipelinedModel under --pipeline-model-parallel-size > 1: it runs
-    # the micro-batches through its schedule (LM loss on batch["text"], RETRO's gate budget)
-    # instead of forward_step.
+    # the micro-batches through its schedule (the entry point's loss_fn and gate budget) instead
+    # of forward_step.
     pipeline: Any = None
     # The context forward_step and its backward run in: loss_parallel() when the model returns
     # vocabulary-sharded logits under tensor parallelism.

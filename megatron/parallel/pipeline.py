@@ -41,12 +41,15 @@ per block, then data parallel: FSDP2 (``fully_shard`` per block and per stage, w
 mixed-precision policy; HSDP too), or with ddp a gradient all-reduce after the schedule (DDP's
 semantics without its wrapper, which does not know the pipeline's backward).
 
-RETRO's budget loss (coefficient x the micro-batch's mean gate over all retro layers and the
-chunks with a real neighbour) is added where the gates are: a forward hook on each stage
-computes its gates' share of that mean and attaches it to its output, whose backward (run by the
-schedule) then also backpropagates the share, as if it were part of the loss. The shares of
-every stage and micro-batch, summed over stages and averaged over micro-batches, are the logged
-gate mean.
+The loss is the entry point's, the one its forward_step computes of the logits: the trainer hands
+``loss_fn(logits, micro-batch) -> (loss, metrics)`` to every step, and the last stage runs it on
+each micro-batch (the schedule's targets are micro-batch numbers, so that the loss reads
+whatever the batch holds). RETRO's budget loss, ``budget_loss_fn(gate mean)`` of the micro-batch's
+mean gate over all retro layers and the chunks with a real neighbour, is added where the gates
+are: a forward hook on each stage computes its gates' share of that mean and attaches the
+budget of the share (the budget is linear) to its output, whose backward (run by the schedule)
+then also backpropagates it, as if it were part of the loss. The shares of every stage and
+micro-batch, summed over stages and averaged over micro-batches, are the logged gate mean.
 
 Loss scaling is one process's: each micro-batch's mean loss is divided by the number of
 micro-batches before backward (``scale_grads=False``: torch's own scaling would divide a
@@ -61,10 +64,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                           ScheduleInterleaved1F1B)
+from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
 from torch.distributed.tensor import DTensor
 
 from megatron.models.gpt.model import is_tied as _is_tied
-from megatron.models.loss import LM_LOSS, lm_loss
 from megatron.models.retro.model import BUDGET_LOSS, GATE_MEAN, RetroBlock, RetroModel
 from megatron.parallel.config import ParallelConfig
 from megatron.parallel.layout import DistEnv, Parallelized, RunConfig, resolve_batch_sizes
@@ -219,11 +222,12 @@ def _encoded_neighbors_by_keyword(stage: nn.Module, args: tuple, kwargs: dict):
 class _GateShare:
     """Forward hook of a stage holding gates: records the stage's share of the micro-batch's
     gate mean (RetroModel.gate_mean over its layers, weighted by their part of all the model's
-    gates) and, with ``budget_scale`` (coefficient / micro-batches), adds budget_scale x share
-    to the backward of the stage's output (see the module docstring)."""
+    gates) and, with the step's ``budget_loss_fn``, adds its budget of the share, scaled as the
+    loss is (/ micro-batches), to the backward of the stage's output (see the module docstring)."""
 
-    def __init__(self, weight: float, budget_scale: float):
-        self.weight, self.budget_scale = weight, budget_scale
+    def __init__(self, weight: float, num_microbatches: int):
+        self.weight, self.num_microbatches = weight, num_microbatches
+        self.budget_loss_fn = None  # the running step's (PipelinedModel._run)
         self.shares: list[torch.Tensor] = []
 
     def __call__(self, stage: nn.Module, args: tuple, output):
@@ -232,11 +236,12 @@ class _GateShare:
             return None
         share = mean * self.weight
         self.shares.append(share.detach())
-        if not (self.budget_scale and torch.is_grad_enabled()):
+        if self.budget_loss_fn is None or not torch.is_grad_enabled():
             return None
+        budget = self.budget_loss_fn(share) / self.num_microbatches
         if isinstance(output, tuple):
-            return (_AddToBackward.apply(output[0], self.budget_scale * share), *output[1:])
-        return _AddToBackward.apply(output, self.budget_scale * share)
+            return (_AddToBackward.apply(output[0], budget), *output[1:])
+        return _AddToBackward.apply(output, budget)
 
 
 def _num_gates(model: nn.Module) -> int:
@@ -254,14 +259,15 @@ def _pipeline_lines(mesh: ParallelMesh) -> list[list[int]]:
 class PipelinedModel:
     """This rank's stages, schedule and the gradient bookkeeping around them.
 
-    train_step(batch) / eval_step(batch): batch = {"text": int64 [n x mbs, s + 1],
-    optional "neighbor_tokens", "neighbor_mask"} holding this data-parallel rank's n micro-batches;
-    returns the mean LM loss over them on every rank of the pipeline."""
+    train_step(batch, loss_fn, budget_loss_fn) / eval_step(...): batch = {"text": int64
+    [n x mbs, s + 1], optional "neighbor_tokens", "neighbor_mask", anything else loss_fn reads}
+    holding this data-parallel rank's n micro-batches; returns loss_fn's metrics averaged over
+    them on every rank of the pipeline."""
 
     def __init__(self, model: nn.Module, mesh: ParallelMesh, *, num_microbatches: int, schedule: str = "1F1B",
                  virtual_stages: int = 1, split: list[int] | None = None,
                  first_stage_layers: int | None = None, seq_length: int | None = None,
-                 sequence_parallel: bool = False, budget_loss_coeff: float = 0.0, fsdp: bool = False,
+                 sequence_parallel: bool = False, fsdp: bool = False,
                  bf16: bool = False, recompute_granularity: str | None = None, compile: bool = False,
                  compile_backend: str = "inductor"):
         if schedule not in SCHEDULES:
@@ -305,10 +311,7 @@ class PipelinedModel:
                 if dist.get_rank() in line:
                     self._embedding_group = group
 
-        self.budget_loss_coeff = budget_loss_coeff
         self.num_gates = _num_gates(model)
-        if budget_loss_coeff and not self.num_gates:
-            raise ValueError("--retro-budget-loss-coeff needs --retro-attention-gate")
         # Each stage is the model pruned to it: the rank's model itself, or views of it when the
         # rank runs several stages.
         self.model = prune_to_stages(model, stage_keys, local)
@@ -332,47 +335,71 @@ class PipelinedModel:
             if isinstance(stage, RetroModel):
                 stage.register_forward_pre_hook(_encoded_neighbors_by_keyword, with_kwargs=True)
             if _num_gates(stage):
-                self.gate_shares.append(_GateShare(_num_gates(stage) / self.num_gates,
-                                                   budget_loss_coeff / num_microbatches))
+                self.gate_shares.append(_GateShare(_num_gates(stage) / self.num_gates, num_microbatches))
                 stage.register_forward_hook(self.gate_shares[-1])
         stages = [PipelineStage(stage, s, num_stages, device, group=self.pp_group)
                   for stage, s in zip(self.stages, local)]
-        n = num_microbatches
-
-        def loss_fn(logits, labels):  # per micro-batch, scaled as one process accumulates
-            return lm_loss(logits, labels) / n
-
         cls = SCHEDULES[schedule]
-        self.schedule = cls(stages if interleaved else stages[0], n, loss_fn=loss_fn, scale_grads=False)
+        self.schedule = cls(stages if interleaved else stages[0], num_microbatches, loss_fn=self._micro_batch_loss,
+                            scale_grads=False)
+        self._step_loss = None  # the running step's: (loss_fn, its micro-batches, their metrics by number)
         self.has_last_stage = num_stages - 1 in local
         self.last_rank = dist.get_global_rank(self.pp_group, self.pp_size - 1)
 
-    def _run(self, batch: dict, train: bool) -> dict[str, torch.Tensor]:
+    def _micro_batch_loss(self, output, index: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss of micro-batch ``index``: the step's loss_fn, scaled as one process
+        accumulates; its metrics kept by micro-batch (the first step's metadata inference runs
+        micro-batch 0 once more before the real ones, whose metrics replace it)."""
+        loss_fn, micro_batches, metrics = self._step_loss
+        i = int(index)
+        loss, metrics[i] = loss_fn(output, micro_batches[i])
+        return loss / self.num_microbatches
+
+    def _run(self, batch: dict, train: bool, loss_fn, budget_loss_fn) -> dict[str, torch.Tensor]:
+        if budget_loss_fn is not None and not self.num_gates:
+            raise ValueError("a budget loss on the gates needs a model with gates (--retro-attention-gate)")
+        n = self.num_microbatches
         text = batch["text"]
-        if text.shape[0] % self.num_microbatches:
-            raise ValueError(f"batch of {text.shape[0]} samples does not split into "
-                             f"{self.num_microbatches} micro-batches")
-        tokens, labels = text[:, :-1], text[:, 1:]
+        if text.shape[0] % n:
+            raise ValueError(f"batch of {text.shape[0]} samples does not split into {n} micro-batches")
+        tokens = text[:, :-1]
         kwargs = {"token_ids": tokens, **{k: batch[k] for k in ("neighbor_tokens", "neighbor_mask") if k in batch}}
         for gate_share in self.gate_shares:
             gate_share.shares.clear()
-        losses = []
+            gate_share.budget_loss_fn = budget_loss_fn
         args = (tokens,) if 0 in self.local_stages else ()
-        target = labels if self.has_last_stage else None
+        metrics = {}
+        if self.has_last_stage:  # the schedule's targets: micro-batch numbers, split as the inputs
+            self._step_loss = (loss_fn, split_args_kwargs_into_chunks((), batch, n)[1], metrics)
+            target = torch.arange(n)
+        else:
+            target = None
         run = self.schedule.step if train else self.schedule.eval
         # The loss and its backward run inside the schedule: all of it under loss_parallel() when
         # the head's logits are vocabulary-sharded (it only changes how DTensor cross-entropy runs).
         with loss_parallel_context(self.model):
-            run(*args, target=target, losses=losses, return_outputs=False, **kwargs)
-        loss = (torch.stack([x.detach().float() for x in losses]).sum() if self.has_last_stage
-                else torch.zeros((), device=text.device))
-        dist.broadcast(loss, self.last_rank, group=self.pp_group)
-        metrics = {LM_LOSS: loss}
+            run(*args, target=target, return_outputs=False, **kwargs)
+        result = self._broadcast_loss_metrics(metrics, text.device)
         if self.num_gates and "neighbor_tokens" in batch:
-            metrics.update(self._gate_metrics())
-        return metrics
+            result.update(self._gate_metrics(budget_loss_fn))
+        return result
 
-    def _gate_metrics(self) -> dict[str, torch.Tensor]:
+    def _broadcast_loss_metrics(self, metrics: dict[int, dict], device: torch.device) -> dict[str, torch.Tensor]:
+        """loss_fn's metrics averaged over the micro-batches, from the last stage to every rank of
+        the pipeline (only the last stage knows their names)."""
+        names = [sorted(metrics[0]) if self.has_last_stage else None]
+        dist.broadcast_object_list(names, self.last_rank, group=self.pp_group, device=device)
+        names = names[0]
+        if self.has_last_stage:
+            n = self.num_microbatches
+            values = torch.stack([torch.stack([torch.as_tensor(metrics[i][k], device=device).float()
+                                               for i in range(n)]).sum() / n for k in names])
+        else:
+            values = torch.zeros(len(names), device=device)
+        dist.broadcast(values, self.last_rank, group=self.pp_group)
+        return dict(zip(names, values))
+
+    def _gate_metrics(self, budget_loss_fn) -> dict[str, torch.Tensor]:
         """The gate mean of every micro-batch (its shares summed over stages), averaged over the
         micro-batches; the budget's gradient went through the schedule's backward."""
         device = next(self.model.parameters()).device
@@ -382,24 +409,26 @@ class PipelinedModel:
                    torch.zeros((), device=device)).float() / n
         dist.all_reduce(mean, group=self.pp_group)
         metrics = {GATE_MEAN: mean}
-        if self.budget_loss_coeff:
-            metrics[BUDGET_LOSS] = self.budget_loss_coeff * mean
+        if budget_loss_fn is not None:
+            metrics[BUDGET_LOSS] = budget_loss_fn(mean)
         return metrics
 
-    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Forward and backward of every micro-batch; gradients then summed over the embedding's
-        copies and averaged over data-parallel ranks. Returns the mean LM loss (and the gate mean
-        and budget loss of RETRO with gates), the same on every rank of the pipeline."""
-        metrics = self._run(batch, train=True)
+    def train_step(self, batch: dict, loss_fn, budget_loss_fn=None) -> dict[str, torch.Tensor]:
+        """Forward and backward of every micro-batch, ``loss_fn(logits, micro-batch) -> (loss,
+        metrics)`` on the last stage's logits plus ``budget_loss_fn(gate mean) -> loss`` (None:
+        no budget) of the gates; gradients then summed over the embedding's copies and averaged
+        over data-parallel ranks. Returns loss_fn's metrics averaged over the micro-batches (and
+        the gate mean and budget loss of RETRO with gates), the same on every rank of the pipeline."""
+        metrics = self._run(batch, True, loss_fn, budget_loss_fn)
         self._sync_grads()
         return metrics
 
     @torch.no_grad()
-    def eval_step(self, batch: dict) -> dict[str, torch.Tensor]:
+    def eval_step(self, batch: dict, loss_fn, budget_loss_fn=None) -> dict[str, torch.Tensor]:
         for stage in self.stages:
             stage.eval()
         try:
-            return self._run(batch, train=False)
+            return self._run(batch, False, loss_fn, budget_loss_fn)
         finally:
             for stage in self.stages:
                 stage.train()
@@ -477,8 +506,8 @@ def pipeline_parallelize_fn(model: nn.Module, cfg: RunConfig, env: DistEnv) -> P
     """megatron.parallel.parallelize.parallelize_fn under --pipeline-model-parallel-size > 1: cut
     the model into this rank's stages, each parallelized as parallelize_model does any model
     (TP(+SP), recompute, compile, then FSDP2; or DDP-style data parallel, see PipelinedModel).
-    The trainer drives ``Parallelized.pipeline`` (its LM loss on batch["text"]) instead of its
-    forward_step."""
+    The trainer drives ``Parallelized.pipeline`` with the entry point's loss_fn and budget_loss_fn
+    instead of its forward_step."""
     p, t = cfg.parallel, cfg.training
     if not env.is_distributed:
         raise ValueError(f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size} needs that many "
@@ -489,9 +518,7 @@ def pipeline_parallelize_fn(model: nn.Module, cfg: RunConfig, env: DistEnv) -> P
     pipe = PipelinedModel(model, mesh, num_microbatches=resolve_batch_sizes(cfg, dp_size), schedule=schedule,
                           virtual_stages=virtual, split=split,
                           first_stage_layers=p.decoder_first_pipeline_num_layers, seq_length=cfg.model.seq_length,
-                          sequence_parallel=p.sequence_parallel,
-                          budget_loss_coeff=getattr(cfg.extra.get("retro"), "budget_loss_coeff", 0.0),
-                          fsdp=p.data_parallel_type == "fsdp", bf16=t.bf16,
+                          sequence_parallel=p.sequence_parallel, fsdp=p.data_parallel_type == "fsdp", bf16=t.bf16,
                           recompute_granularity=t.recompute_granularity, compile=t.use_torch_compile)
     return Parallelized(pipe.model, dp_rank=dp_rank, dp_size=dp_size,
                         dp_group=mesh["dp"].get_group() if dp_size > 1 else None, pipeline=pipe)

@@ -1,13 +1,15 @@
 """The model pretrain_retro.py trains (RETRO, or without --retro-add-retriever the same-size
-GPT), its FLOPs per token, and its training step with the metrics it logs."""
+GPT), its FLOPs per token, and its training step with the metrics it logs: forward_step on the
+whole model, the LM loss of its logits (trainer.next_token_loss) plus the gates' budget
+(make_budget_loss_fn), the two that pipeline stages run instead."""
 
 import torch
 
 from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.models.gpt.model import GPTModel
-from megatron.models.loss import LM_LOSS, lm_loss
 from megatron.models.retro.model import BUDGET_LOSS, GATE_MEAN, RetroModel, retro_flops_per_token
 from megatron.training.config import Config
+from megatron.training.trainer import next_token_loss
 
 # Below this retrieval-off minus retrieval-on lm loss a model is taken to ignore its neighbours
 # (evaluate.py's --min-delta warning, the quickstart's verdict).
@@ -26,24 +28,33 @@ def flops_per_token(cfg: Config) -> float:
     return gpt_flops_per_token(cfg.model)
 
 
-def make_forward_step(cfg: Config):
+def make_budget_loss_fn(cfg: Config):
+    """budget(gate mean) -> loss, added to the LM loss to price the gates; None when the run has no
+    budget (--retro-budget-loss-coeff 0) or no gates. Linear in the gate mean, so that a pipeline
+    stage can add its gates' share of it."""
     retro = cfg.extra["retro"]
     coeff = retro.budget_loss_coeff
+    if not (coeff and retro.add_retriever and retro.model.attention_gate):
+        return None
+    return lambda gate_mean: coeff * gate_mean
+
+
+def make_forward_step(cfg: Config):
+    """forward_step(model, batch) -> (loss, metrics) for a model run whole: ``next_token_loss`` of
+    its logits, plus ``make_budget_loss_fn(cfg)`` of its gate mean."""
+    retro = cfg.extra["retro"]
+    budget_loss = make_budget_loss_fn(cfg)
 
     def forward_step(model, batch: dict):
-        text = batch["text"]
-        tokens, labels = text[:, :-1], text[:, 1:]
+        tokens = batch["text"][:, :-1]
         if not retro.add_retriever:
-            loss = lm_loss(model(tokens), labels)
-            return loss, {LM_LOSS: loss.detach()}
-        logits = model(tokens, batch["neighbor_tokens"], batch["neighbor_mask"])
-        loss = lm_loss(logits, labels)
-        metrics = {LM_LOSS: loss.detach()}
+            return next_token_loss(model(tokens), batch)
+        loss, metrics = next_token_loss(model(tokens, batch["neighbor_tokens"], batch["neighbor_mask"]), batch)
         gate = unwrap(model).gate_mean() if retro.model.attention_gate else None
         if gate is not None:
             metrics[GATE_MEAN] = gate.detach()
-            if coeff:
-                budget = coeff * gate
+            if budget_loss is not None:
+                budget = budget_loss(gate)
                 metrics[BUDGET_LOSS] = budget.detach()
                 loss = loss + budget
         return loss, metrics

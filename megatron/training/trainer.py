@@ -13,6 +13,10 @@ its `train` loop; `evaluate_dataset` evaluates a loaded model the way validation
   on the device; `loss` is the scalar to backpropagate; `metrics` maps names to scalar tensors
   (or floats) to log, e.g. {"lm loss": ...} or RETRO's {"lm loss": ..., "budget loss": ...}.
   Metrics are averaged over micro-batches, data-parallel ranks and the log interval.
+- loss_fn(logits, batch) -> (loss, metrics): forward_step's part after the model (e.g.
+  `next_token_loss`), and budget_loss_fn(gate mean) -> loss (RETRO's budget on its gates, which
+  forward_step adds; None: none): under pipeline parallelism no process runs the whole model, and
+  the pipeline runs these on its stages instead of forward_step (loss_fn is then required).
 - datasets_provider(cfg, (n_train, n_valid, n_test)) -> (train, valid, test) datasets (valid and
   test may be None) of at least that many samples; the counts follow Megatron (`sample_counts`).
 - parallelize_fn(model, cfg, env) -> Parallelized: how the model is spread over the processes.
@@ -39,7 +43,7 @@ from torch import nn
 from megatron.data import builder
 from megatron.data.batches import Batches
 from megatron.models.gpt.flops import gpt_flops_per_token
-from megatron.models.loss import LM_LOSS
+from megatron.models.loss import LM_LOSS, lm_loss
 from megatron.parallel.layout import DistEnv, Parallelized, resolve_batch_sizes
 from megatron.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron.training.config import Config
@@ -79,6 +83,13 @@ def sample_counts(cfg: Config) -> tuple[int, int, int]:
     return builder.sample_counts(None, t.train_iters, t.global_batch_size, t.eval_interval, t.eval_iters)
 
 
+def next_token_loss(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+    """loss_fn of language-model batches ({"text": tokens [b, s + 1]}): the LM loss of the logits
+    of text[:, :-1] on the next tokens."""
+    loss = lm_loss(logits, batch["text"][:, 1:])
+    return loss, {LM_LOSS: loss.detach()}
+
+
 def _is_retro(cfg: Config) -> bool:
     """Whether this run builds a RETRO (pretrain_retro.py --retro-add-retriever); pretrain_gpt.py
     has no retro section."""
@@ -115,7 +126,7 @@ def _iteration_batch(batches: Batches, num_micro: int) -> dict:
 
 @torch.no_grad()
 def _evaluate(cfg: Config, env: DistEnv, par: Parallelized, forward_step: Callable, batches: Batches,
-              num_iters: int) -> dict[str, float]:
+              num_iters: int, loss_fn: Callable | None, budget_loss_fn: Callable | None) -> dict[str, float]:
     """Metrics averaged over `num_iters` iterations' micro-batches of `batches`, forward only."""
     num_micro = resolve_batch_sizes(cfg, par.dp_size)
     pipe = par.pipeline
@@ -125,7 +136,7 @@ def _evaluate(cfg: Config, env: DistEnv, par: Parallelized, forward_step: Callab
     for _ in range(steps):
         with _autocast(cfg, env):
             if pipe is not None:  # forward-only schedule over the iteration's micro-batches
-                metrics = pipe.eval_step(_iteration_batch(batches, num_micro))
+                metrics = pipe.eval_step(_iteration_batch(batches, num_micro), loss_fn, budget_loss_fn)
             else:
                 with par.loss_context():
                     _, metrics = forward_step(par.model, batches.next())
@@ -135,13 +146,14 @@ def _evaluate(cfg: Config, env: DistEnv, par: Parallelized, forward_step: Callab
 
 
 def evaluate_dataset(cfg: Config, env: DistEnv, par: Parallelized, forward_step: Callable, dataset,
-                     num_iters: int) -> dict[str, float]:
+                     num_iters: int, *, loss_fn: Callable | None = None,
+                     budget_loss_fn: Callable | None = None) -> dict[str, float]:
     """Metrics averaged over the first ``num_iters`` global batches of ``dataset``, computed as
     validation during training is (each data-parallel rank its slice, the pipeline's forward-only
-    schedule under pipeline parallelism, vocabulary-parallel loss under TP): for tools that
-    evaluate a loaded checkpoint, such as tools/retro/evaluate.py."""
+    schedule with loss_fn and budget_loss_fn under pipeline parallelism, vocabulary-parallel loss
+    under TP): for tools that evaluate a loaded checkpoint, such as tools/retro/evaluate.py."""
     return _evaluate(cfg, env, par, forward_step, _batches(dataset, cfg, par, 0, cyclic=False, device=env.device),
-                     num_iters)
+                     num_iters, loss_fn, budget_loss_fn)
 
 
 def _sync(device: torch.device):
@@ -166,14 +178,19 @@ class Trainer:
     the log lines follow; `train` runs the loop. The arguments are pretrain's."""
 
     def __init__(self, cfg: Config, model_provider: Callable, forward_step: Callable, datasets_provider: Callable, *,
+                 loss_fn: Callable | None = None, budget_loss_fn: Callable | None = None,
                  flops_per_token: float | None = None, parallelize_fn: Callable = data_parallel,
                  env: DistEnv | None = None, post_init_fn: Callable | None = None):
         self.cfg, self.forward_step = cfg, forward_step
+        self.loss_fn, self.budget_loss_fn = loss_fn, budget_loss_fn
         self.env = env or initialize_distributed(cfg.parallel)
         self.flops_per_token = gpt_flops_per_token(cfg.model) if flops_per_token is None else flops_per_token
         model = self._build_model(model_provider, post_init_fn)
         num_params = sum(p.numel() for p in model.parameters())
         self.par = parallelize_fn(model, cfg, self.env)
+        if self.par.pipeline is not None and loss_fn is None:
+            raise ValueError("pipeline parallelism runs the model stage by stage, not forward_step: pass "
+                             "pretrain(..., loss_fn=...), the loss forward_step takes of the logits")
         self.num_micro = resolve_batch_sizes(cfg, self.par.dp_size)
         self._announce(num_params)
         self.config_dict = asdict(cfg)
@@ -255,7 +272,8 @@ class Trainer:
         pipe = self.par.pipeline
         if pipe is not None:
             with _autocast(self.cfg, self.env):
-                sums, count = pipe.train_step(_iteration_batch(batches, self.num_micro)), 1
+                batch = _iteration_batch(batches, self.num_micro)
+                sums, count = pipe.train_step(batch, self.loss_fn, self.budget_loss_fn), 1
             grad_norm = pipe.clip_grad_norm_(max_norm)
         else:
             sums, count = self._forward_backward(batches), self.num_micro
@@ -285,7 +303,8 @@ class Trainer:
 
     def validate(self, suffix: str = ""):
         t, state = self.cfg.training, self.state
-        metrics = _evaluate(self.cfg, self.env, self.par, self.forward_step, self.valid_batches, t.eval_iters)
+        metrics = _evaluate(self.cfg, self.env, self.par, self.forward_step, self.valid_batches, t.eval_iters,
+                            self.loss_fn, self.budget_loss_fn)
         state.consumed_valid_samples += t.eval_iters * t.global_batch_size
         self.last_evaluated = state.iteration
         self.validation_history.append((state.iteration, metrics))
@@ -381,6 +400,7 @@ class Trainer:
 
 
 def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, datasets_provider: Callable, *,
+             loss_fn: Callable | None = None, budget_loss_fn: Callable | None = None,
              flops_per_token: float | None = None, parallelize_fn: Callable = data_parallel,
              env: DistEnv | None = None, post_init_fn: Callable | None = None) -> dict:
     """Train as `cfg` says; returns a summary for scripts and tests:
@@ -390,5 +410,6 @@ def pretrain(cfg: Config, model_provider: Callable, forward_step: Callable, data
     metrics averaged over the log interval)] at every log line, "validation_history": [(iteration, metrics)]}.
     flops_per_token: training FLOPs per token for TFLOP/s and MFU (default: the GPT formula).
     """
-    return Trainer(cfg, model_provider, forward_step, datasets_provider, flops_per_token=flops_per_token,
-                   parallelize_fn=parallelize_fn, env=env, post_init_fn=post_init_fn).train()
+    return Trainer(cfg, model_provider, forward_step, datasets_provider, loss_fn=loss_fn,
+                   budget_loss_fn=budget_loss_fn, flops_per_token=flops_per_token, parallelize_fn=parallelize_fn,
+                   env=env, post_init_fn=post_init_fn).train()

@@ -41,6 +41,7 @@ from megatron.models.loss import lm_loss
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel
 from megatron.parallel.config import ParallelConfig
+from megatron.training.trainer import next_token_loss
 from megatron.transformer.config import ModelConfig
 
 VOCAB, SEQ, GLOBAL_BATCH, MICRO = 128, 32, 8, 4
@@ -137,18 +138,20 @@ def run_pipelined(spec: dict) -> dict:
     pipe = PipelinedModel(build_model(kind), mesh, num_microbatches=MICRO // dp_size,
                           schedule=spec.get("schedule", "1F1B"), virtual_stages=spec.get("virtual", 1),
                           split=spec.get("split"), sequence_parallel=cfg.sequence_parallel,
-                          budget_loss_coeff=spec.get("budget", 0.0), fsdp=cfg.data_parallel_type == "fsdp",
+                          fsdp=cfg.data_parallel_type == "fsdp",
                           bf16=spec.get("bf16", False), recompute_granularity=spec.get("recompute"),
                           compile=spec.get("compile", False), compile_backend=spec.get("compile_backend", "inductor"))
     compute_dtypes = set()  # of the weights the blocks' matmuls read: FSDP's mixed-precision policy casts them
     for layer in pipe.model.layers.values():
         layer.attention.wq.register_forward_hook(lambda m, args, out: compute_dtypes.add(str(m.weight.dtype)))
     opt = torch.optim.AdamW(pipe.model.parameters(), lr=1e-2, weight_decay=0.1)
+    budget = spec.get("budget", 0.0)
+    budget_loss_fn = (lambda gate_mean: budget * gate_mean) if budget else None  # as retro_step's
     losses, norms, gate_means = [], [], []
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
         batch = {k: v.chunk(dp_size)[dp_rank] for k, v in make_batch(kind, step).items()}
-        metrics = pipe.train_step(batch)
+        metrics = pipe.train_step(batch, next_token_loss, budget_loss_fn)
         loss = metrics["lm loss"]
         if kind == "retro":
             gate_mean = metrics["gate mean"]
@@ -190,7 +193,7 @@ def run_trainer(spec: dict) -> dict:
     cfg.logging.log_interval = 1
     summary = pretrain(cfg, lambda c: GPTModel(c.model), trainer_worker.forward_step,
                        lambda c, counts: (trainer_worker.SyntheticTokens(counts[0]), None, None),
-                       parallelize_fn=parallelize_fn)
+                       loss_fn=next_token_loss, parallelize_fn=parallelize_fn)
     return {"losses": [m[LM_LOSS] for _, m in summary["train_history"]],
             "consumed": summary["consumed_train_samples"]}
 

@@ -20,11 +20,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from megatron.models.gpt.model import GPTModel
-from megatron.models.loss import LM_LOSS, lm_loss
+from megatron.models.loss import LM_LOSS
 from megatron.parallel.config import ParallelConfig
 from megatron.parallel.parallelize import parallelize_fn
 from megatron.training.config import CheckpointConfig, Config, LoggingConfig, TrainingConfig
-from megatron.training.trainer import pretrain
+from megatron.training.trainer import next_token_loss, pretrain
 from megatron.transformer.config import ModelConfig
 
 SEQ, VOCAB = 32, 128
@@ -47,11 +47,9 @@ LOGIT_TYPES = set()
 
 
 def forward_step(model, batch):
-    text = batch["text"]
-    logits = model(text[:, :-1])
+    logits = model(batch["text"][:, :-1])
     LOGIT_TYPES.add(f"{type(logits).__name__}{list(logits.placements) if isinstance(logits, DTensor) else ''}")
-    loss = lm_loss(logits, text[:, 1:])
-    return loss, {LM_LOSS: loss.detach()}
+    return next_token_loss(logits, batch)
 
 
 def config(spec: dict) -> Config:
@@ -73,7 +71,7 @@ def run(spec: dict) -> dict:
     cfg = config(spec)
     summary = pretrain(cfg, lambda c: GPTModel(c.model), forward_step,
                        lambda c, counts: (SyntheticTokens(counts[0]), SyntheticTokens(counts[1]), None),
-                       parallelize_fn=parallelize_fn)
+                       loss_fn=next_token_loss, parallelize_fn=parallelize_fn)
     return {"losses": [m[LM_LOSS] for _, m in summary["train_history"]],
             "validation_loss": summary["validation_loss"], "consumed": summary["consumed_train_samples"],
             "logit_types": sorted(LOGIT_TYPES)}

@@ -10,6 +10,7 @@ import torch
 
 from megatron.models.gpt.model import GPTModel
 from megatron.models.loss import LM_LOSS, lm_loss
+from megatron.parallel.layout import Parallelized
 from megatron.training.arguments import parse_args
 from megatron.training.initialize import _launcher_env, initialize_distributed
 from megatron.training.trainer import Trainer, data_parallel, evaluate_dataset, pretrain, sample_counts
@@ -197,6 +198,16 @@ def test_default_parallelism_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="--tensor-model-parallel-size"):
         data_parallel(torch.nn.Linear(2, 2), _cfg("--tensor-model-parallel-size", "2"), env)
     assert data_parallel(torch.nn.Linear(2, 2), _cfg(), env).dp_size == 1
+
+
+def test_a_pipeline_needs_the_entry_points_loss_fn():
+    """Pipeline stages run the model piece by piece, not forward_step: the loss of the last
+    stage's logits must come from the entry point."""
+    def pipelined(model, cfg, env):
+        return Parallelized(model, pipeline=object())
+
+    with pytest.raises(ValueError, match="loss_fn"):
+        Trainer(_cfg(), model_provider, forward_step, datasets_provider, parallelize_fn=pipelined)
 
 
 def test_launcher_environment_is_read_from_torchrun_or_slurm():

@@ -64,7 +64,7 @@ from megatron.training.config import Config
 from megatron.training.copy_probe import copy_probe
 from megatron.training.initialize import initialize_distributed
 from megatron.training.retro_checkpoint import checkpoint_config, load_weights
-from megatron.training.trainer import evaluate_dataset, sample_counts
+from megatron.training.trainer import evaluate_dataset, next_token_loss, sample_counts
 
 MODES = {"retrieval_on": "on", "retrieval_off": "off", "random_retrieval": "random"}
 
@@ -118,7 +118,8 @@ def evaluate_mode(cfg: Config, env, par, mode: str, num_iters: int) -> dict:
     _, valid, _ = retro_data.datasets(cfg, sample_counts(cfg), retrieval=mode, training=False)
     if valid is None:
         raise ValueError(f"--split {cfg.data.split} leaves no validation documents")
-    metrics = evaluate_dataset(cfg, env, par, retro_step.make_forward_step(cfg), valid, num_iters)
+    metrics = evaluate_dataset(cfg, env, par, retro_step.make_forward_step(cfg), valid, num_iters,
+                               loss_fn=next_token_loss, budget_loss_fn=retro_step.make_budget_loss_fn(cfg))
     lm = metrics[LM_LOSS]
     return {"loss": lm + metrics.get(retro_step.BUDGET_LOSS, 0.0), "lm_loss": lm, "ppl": math.exp(min(lm, 50.0)),
             "gate_mean": metrics.get(retro_step.GATE_MEAN, 1.0)}
