@@ -76,8 +76,8 @@ def main(argv=None):
     wd_cfg = load_workdir_config(args.retro_work_dir)
     if args.load:
         model, tokenizer, cfg = load_for_generation(args.load, args.retro_work_dir, device)
-        num_neighbors = cfg.extra["retro"].model.num_neighbors
-        align = cfg.extra["retro"].model.align_neighbors  # a GPT checkpoint has no retro_cfg
+        num_neighbors = cfg.retro.model.num_neighbors
+        align = cfg.retro.model.align_neighbors  # a GPT checkpoint has no retro_cfg
     else:
         tokenizer = build_workdir_tokenizer(args.retro_work_dir, wd_cfg)
         model = random_model(args, wd_cfg, tokenizer, device)

@@ -164,7 +164,7 @@ def trainer_for(model, cfg, rcfg, batch: dict, iterations: int) -> tuple[Trainer
     retro = isinstance(model, RetroModel)
     b = batch["text"].shape[0]
     config = Config(model=cfg, training=TrainingConfig(micro_batch_size=b, train_iters=iterations, lr=1e-4),
-                    extra={"retro": RetroTrainingConfig(add_retriever=retro, model=rcfg)})
+                    retro=RetroTrainingConfig(add_retriever=retro, model=rcfg))
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
     samples = _Samples(batch if retro else {"text": batch["text"]}, b * iterations)
     with contextlib.redirect_stdout(io.StringIO()):

@@ -8,7 +8,7 @@ translated in `_translate`. Defaults come from the dataclasses, so they live in 
 
 Entry points with their own flags (pretrain_retro.py) pass `extra_args_provider(parser)` to add a
 group and `extra_config_provider(args) -> {name: section}` to turn the parsed namespace into
-their sections, stored in `Config.extra`.
+their sections: Config's typed fields of those names (e.g. Config.retro).
 """
 
 import argparse
@@ -245,8 +245,8 @@ def namespace_to_config(args: argparse.Namespace, extra_config_provider=None) ->
             sections[name] = cls(**values)
         except ValueError as e:  # a dataclass's own consistency check, e.g. heads vs hidden size
             raise SystemExit(f"error: {e}") from e
-    extra = dict(extra_config_provider(args)) if extra_config_provider is not None else {}
-    return Config(**sections, extra=extra)
+    provided = extra_config_provider(args) if extra_config_provider is not None else {}
+    return Config(**sections, **provided)
 
 
 def parse_args(argv=None, extra_args_provider=None, extra_config_provider=None) -> Config:
@@ -254,7 +254,7 @@ def parse_args(argv=None, extra_args_provider=None, extra_config_provider=None) 
 
     extra_args_provider(parser) -> parser | None: adds an entry point's own argument group.
     extra_config_provider(namespace) -> {name: section}: builds that entry point's sections from
-    the parsed namespace; they land in Config.extra (e.g. Config.extra["retro"]).
+    the parsed namespace; each fills Config's field of that name (e.g. "retro": Config.retro).
     """
     parser = build_parser(extra_args_provider)
     args = parser.parse_args(argv)

@@ -356,9 +356,15 @@ def check_model_config(saved: dict, current: dict, path: str):
                          f"{_model_flag(name, want)}")
 
 
+def saved_retro_section(config: dict) -> dict | None:
+    """The retro section of a checkpoint's config.json (Config.retro; checkpoints from before it
+    was typed saved it as extra["retro"]), None where it has none (pretrain_gpt.py's)."""
+    return config.get("retro") or config.get("extra", {}).get("retro")
+
+
 def saved_add_retriever(config: dict) -> bool:
-    """Whether a checkpoint's config.json is a RETRO's (pretrain_gpt.py's have no retro section)."""
-    return bool(config.get("extra", {}).get("retro", {}).get("add_retriever"))
+    """Whether a checkpoint's config.json is a RETRO's."""
+    return bool((saved_retro_section(config) or {}).get("add_retriever"))
 
 
 def check_retriever(saved: dict, add_retriever: bool, path: str):

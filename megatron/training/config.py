@@ -3,14 +3,16 @@
 Each component is handed only its own section (TorchTitan's lesson: a monolithic config passed
 everywhere couples everything to everything). The sections of lower layers live beside them
 (ModelConfig: megatron/transformer/config.py, DataConfig: megatron/data/config.py,
-ParallelConfig: megatron/parallel/config.py); this module holds training's own sections and
-`Config`, their composition.
+ParallelConfig: megatron/parallel/config.py) and RETRO's beside RETRO's training
+(RetroTrainingConfig: retro_config.py); this module holds training's own sections and `Config`,
+their composition.
 """
 
 from dataclasses import dataclass, field
 
 from megatron.data.config import DataConfig
 from megatron.parallel.config import ParallelConfig
+from megatron.training.retro_config import RetroTrainingConfig
 from megatron.transformer.config import ModelConfig
 
 
@@ -68,5 +70,6 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    # Sections owned by optional features (e.g. "retro": RetroConfig) are added by their entry points.
-    extra: dict = field(default_factory=dict)
+    # Filled by the entry point that trains RETRO (pretrain_retro.py's extra_config_provider);
+    # None in runs without it (pretrain_gpt.py).
+    retro: RetroTrainingConfig | None = None

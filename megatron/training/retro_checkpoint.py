@@ -11,7 +11,8 @@ import torch
 from megatron.data.tokenizers import build_tokenizer
 from megatron.models.retro.config import RetroConfig
 from megatron.retro.workdir import check_dataset_fingerprints, check_workdir_matches, load_workdir_config
-from megatron.training.checkpointing import find_checkpoint, load_checkpoint, read_checkpoint_config
+from megatron.training.checkpointing import (find_checkpoint, load_checkpoint, read_checkpoint_config,
+                                             saved_retro_section)
 from megatron.training.config import Config
 from megatron.training.retro_config import RetroTrainingConfig
 from megatron.training.retro_step import model_provider
@@ -21,9 +22,7 @@ def config_from_checkpoint(path: str, work_dir: str) -> Config:
     """The Config a pretrain_retro.py checkpoint directory was trained with (its config.json),
     pointed at `work_dir`."""
     saved = read_checkpoint_config(path)
-    cfg = Config(**{f.name: _build(f.default_factory, saved[f.name])
-                    for f in dataclasses.fields(Config) if f.name != "extra"})
-    saved_retro = saved.get("extra", {}).get("retro")
+    saved_retro = saved_retro_section(saved)
     if saved_retro is None:
         raise ValueError(f"{path}: not a pretrain_retro.py checkpoint (its config has no retro section)")
     # Checkpoints from before aligned neighbours were trained on the DB's chunk boundaries, and
@@ -31,9 +30,10 @@ def config_from_checkpoint(path: str, work_dir: str) -> Config:
     # that started half open.
     model = RetroConfig(**{"align_neighbors": False, "encoder_embedding_skip": False,
                            "attention_gate_logit_scale": 1.0, "attention_gate_init": 0.5,
-                           **saved_retro.pop("model")})
-    cfg.extra["retro"] = RetroTrainingConfig(**dict(saved_retro, model=model, work_dir=os.path.abspath(work_dir)))
-    return cfg
+                           **saved_retro["model"]})
+    retro = RetroTrainingConfig(**dict(saved_retro, model=model, work_dir=os.path.abspath(work_dir)))
+    return Config(**{f.name: _build(f.default_factory, saved[f.name])
+                     for f in dataclasses.fields(Config) if f.name != "retro"}, retro=retro)
 
 
 def _build(factory, values: dict):
@@ -50,7 +50,7 @@ def checkpoint_config(load: str, work_dir: str, step: int | None = None) -> tupl
         raise ValueError(f"{load}: no complete checkpoint found")
     step, path = found
     cfg = config_from_checkpoint(path, work_dir)
-    cfg.extra["retro"].fit_from = None  # the checkpoint holds every parameter
+    cfg.retro.fit_from = None  # the checkpoint holds every parameter
     return step, cfg
 
 
@@ -68,7 +68,7 @@ def load_for_generation(load: str, work_dir: str, device=None):
     tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_file=d.vocab_file, merge_file=d.merge_file)
     wd_cfg = load_workdir_config(work_dir)
     check_workdir_matches(wd_cfg, tokenizer_fingerprint=tokenizer.fingerprint(),
-                          chunk_length=cfg.extra["retro"].model.chunk_length)
+                          chunk_length=cfg.retro.model.chunk_length)
     check_dataset_fingerprints(wd_cfg)  # neighbours' text is read from the DB datasets
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with torch.device(device):

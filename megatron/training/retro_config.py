@@ -1,6 +1,6 @@
 """RETRO's section of the run's configuration and the flags that fill it (pretrain_retro.py,
 tools/retro/evaluate.py): `add_retro_args` adds the flag group, `retro_config_from_args` turns the
-parsed flags into a `RetroTrainingConfig`, stored as Config.extra["retro"]."""
+parsed flags into a `RetroTrainingConfig`, the run's Config.retro."""
 
 import argparse
 import dataclasses
@@ -71,7 +71,8 @@ def add_retro_args(parser):
 
 
 def retro_config_from_args(args) -> dict:
-    """{"retro": RetroTrainingConfig} from the parsed flags; the chunk length is the work dir's."""
+    """{"retro": RetroTrainingConfig} (Config's section by name) from the parsed flags; the chunk
+    length is the work dir's."""
     if args.retro_budget_loss_coeff and not args.retro_attention_gate:
         raise SystemExit("error: --retro-budget-loss-coeff needs --retro-attention-gate")
     if args.retro_fit_from and not args.retro_add_retriever:

@@ -24,7 +24,7 @@ from megatron.training.trainer import sample_counts
 def prepare(cfg: Config) -> dict:
     """Builds the tokenizer, pads the vocabulary, and checks the work dir against this run.
     Returns the work dir's config."""
-    d, retro = cfg.data, cfg.extra["retro"]
+    d, retro = cfg.data, cfg.retro
     tokenizer = build_run_tokenizer(cfg)
     wd_cfg = load_workdir_config(retro.work_dir)
     if not d.data_path:
@@ -47,7 +47,7 @@ def datasets(cfg: Config, num_samples, retrieval: str = "on", training: bool = T
     """(train, valid, test) for this run: GPT samples, with neighbours when RETRO trains.
     `retrieval` applies to validation (evaluation ablations); training samples use the
     --retro-no/random-retrieval-prob mix."""
-    retro = cfg.extra["retro"]
+    retro = cfg.retro
     train, valid, test = build_gpt_datasets(cfg.data, cfg.model.seq_length, num_samples, cfg.training.seed)
     if not retro.add_retriever:
         return train, valid, test

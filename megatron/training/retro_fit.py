@@ -20,7 +20,7 @@ from megatron.training.config import Config
 def post_init(model: torch.nn.Module, cfg: Config):
     """The trainer's post_init_fn: RETRO-fitting (--retro-fit-from) loads the GPT checkpoint into
     the freshly initialised RetroModel's decoder and freezes it."""
-    fit_from = cfg.extra["retro"].fit_from
+    fit_from = cfg.retro.fit_from
     if fit_from:
         frozen = load_gpt_into_retro(fit_from, model, dataclasses.asdict(cfg.model))
         if rank_and_world_size()[0] == 0:

@@ -17,12 +17,12 @@ MIN_RETRIEVAL_GAIN = 0.01
 
 
 def model_provider(cfg: Config):
-    retro = cfg.extra["retro"]
+    retro = cfg.retro
     return RetroModel(cfg.model, retro.model) if retro.add_retriever else GPTModel(cfg.model)
 
 
 def flops_per_token(cfg: Config) -> float:
-    retro = cfg.extra["retro"]
+    retro = cfg.retro
     if retro.add_retriever:
         return retro_flops_per_token(cfg.model, retro.model, cfg.model.seq_length)
     return gpt_flops_per_token(cfg.model)
@@ -32,7 +32,7 @@ def make_budget_loss_fn(cfg: Config):
     """budget(gate mean) -> loss, added to the LM loss to price the gates; None when the run has no
     budget (--retro-budget-loss-coeff 0) or no gates. Linear in the gate mean, so that a pipeline
     stage can add its gates' share of it."""
-    retro = cfg.extra["retro"]
+    retro = cfg.retro
     coeff = retro.budget_loss_coeff
     if not (coeff and retro.add_retriever and retro.model.attention_gate):
         return None
@@ -42,7 +42,7 @@ def make_budget_loss_fn(cfg: Config):
 def make_forward_step(cfg: Config):
     """forward_step(model, batch) -> (loss, metrics) for a model run whole: ``next_token_loss`` of
     its logits, plus ``make_budget_loss_fn(cfg)`` of its gate mean."""
-    retro = cfg.extra["retro"]
+    retro = cfg.retro
     budget_loss = make_budget_loss_fn(cfg)
 
     def forward_step(model, batch: dict):

@@ -33,7 +33,7 @@ position are all restored.
 import contextlib
 import math
 import time
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import asdict, fields
 from typing import Callable
 
 import torch
@@ -93,8 +93,7 @@ def next_token_loss(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, di
 def _is_retro(cfg: Config) -> bool:
     """Whether this run builds a RETRO (pretrain_retro.py --retro-add-retriever); pretrain_gpt.py
     has no retro section."""
-    retro = cfg.extra.get("retro")
-    return bool(retro is not None and retro.add_retriever)
+    return cfg.retro is not None and cfg.retro.add_retriever
 
 
 def _batches(dataset, cfg: Config, par: Parallelized, consumed: int, cyclic: bool, device: torch.device) -> Batches:
@@ -165,9 +164,9 @@ def _print_config(cfg: Config):
     print("------------------------ arguments ------------------------", flush=True)
     for section in fields(cfg):
         value = getattr(cfg, section.name)
-        items = asdict(value).items() if section.name != "extra" else (
-            (k, asdict(v) if is_dataclass(v) else v) for k, v in value.items())
-        for name, v in items:
+        if value is None:  # a feature's section this run has not (pretrain_gpt.py's retro)
+            continue
+        for name, v in asdict(value).items():
             print(f"  {section.name}.{name} {'.' * max(1, 40 - len(section.name) - len(name))} {v}")
     print("-------------------- end of arguments ---------------------", flush=True)
 

@@ -35,7 +35,7 @@ def train(coeff: float, steps: int):
     real forward_step (AdamW, lr 1e-2, batches of 32)."""
     cfg = Config(model=ModelConfig(vocab_size=V, num_layers=2, hidden_size=32, num_attention_heads=2,
                                    seq_length=S, init_method_std=0.1))
-    cfg.extra["retro"] = retro_config.RetroTrainingConfig(
+    cfg.retro = retro_config.RetroTrainingConfig(
         add_retriever=True, budget_loss_coeff=coeff,
         model=RetroConfig(chunk_length=M, num_neighbors=K, decoder_layers=[2], encoder_num_layers=1,
                           attention_gate=True, cca_gate_init=0.5))

@@ -128,7 +128,7 @@ def test_the_training_command_builds_a_model_of_the_cards_size_and_layout(comman
                      extra_config_provider=retro_config.retro_config_from_args)
     cfg.model.vocab_size = pad_vocab_size(
         GPT2_VOCAB, cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size)
-    rc = cfg.extra["retro"]
+    rc = cfg.retro
     # The card's numbers.
     assert cfg.model.seq_length == 2048 and rc.model.num_neighbors == 2
     assert rc.model.retro_layer_numbers(cfg.model.num_layers) == [5, 11, 17]

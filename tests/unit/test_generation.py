@@ -244,7 +244,7 @@ def test_text_generation_tool_shows_neighbours_for_each_chunk(workspace, tmp_pat
     model = retro_for_workdir(128 * -(-tokenizer.vocab_size // 128))
     cfg = Config(model=model.cfg, data=DataConfig(tokenizer_type="HuggingFaceTokenizer",
                                                   tokenizer_model=str(workspace["tokenizer"])))
-    cfg.extra["retro"] = RetroTrainingConfig(add_retriever=True, work_dir=str(workspace["work_dir"]),
+    cfg.retro = RetroTrainingConfig(add_retriever=True, work_dir=str(workspace["work_dir"]),
                                              model=RC(**dataclasses.asdict(model.retro_cfg)))
     save_checkpoint(str(tmp_path / "ckpt"), TrainState(iteration=1), model, None, None, dataclasses.asdict(cfg))
 
@@ -281,7 +281,7 @@ def workdir_retro_and_config(workspace, gate=False):
                                  tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(workspace["tokenizer"])),
                  training=TrainingConfig(micro_batch_size=2, global_batch_size=2, train_iters=4, eval_interval=4,
                                          eval_iters=1))
-    cfg.extra["retro"] = RetroTrainingConfig(add_retriever=True, work_dir=str(workspace["work_dir"]),
+    cfg.retro = RetroTrainingConfig(add_retriever=True, work_dir=str(workspace["work_dir"]),
                                              model=dataclasses.replace(model.retro_cfg))
     return model, cfg
 
@@ -342,7 +342,7 @@ def test_aligned_neighbours_are_what_evaluation_reads_and_old_checkpoints_stay_a
     from megatron.training.trainer import sample_counts
 
     model, cfg = workdir_retro_and_config(workspace)
-    assert cfg.extra["retro"].model.align_neighbors  # the default
+    assert cfg.retro.model.align_neighbors  # the default
     save_checkpoint(str(tmp_path / "ckpt"), TrainState(iteration=4), model, None, None, dataclasses.asdict(cfg))
     path = str(tmp_path / "ckpt" / "iter_0000004")
     cfg = retro_checkpoint.config_from_checkpoint(path, str(workspace["work_dir"]))
@@ -351,22 +351,24 @@ def test_aligned_neighbours_are_what_evaluation_reads_and_old_checkpoints_stay_a
     db, ids = ChunkDB(str(workspace["work_dir"])), load_neighbors(str(workspace["work_dir"]), "valid")
     item = valid[0]
     chunks = item["text"][:SEQ].reshape(-1, 64)
-    k = cfg.extra["retro"].model.num_neighbors
+    k = cfg.retro.model.num_neighbors
     assert np.array_equal(item["neighbor_tokens"], db.get_tokens(ids[0, :, :k], align_to=chunks))
     assert not np.array_equal(item["neighbor_tokens"], db.get_tokens(ids[0, :, :k]))  # some neighbour moved
 
     # A checkpoint written before the fields existed was trained on unaligned neighbours, with
-    # the paper's encoder (no embedding skip), and their gate read its logits unscaled.
+    # the paper's encoder (no embedding skip), and their gate read its logits unscaled; it saved
+    # the retro section as extra["retro"], from before Config had a typed one.
     config_file = os.path.join(path, CONFIG_FILE)
     with open(config_file) as f:
         saved = json.load(f)
-    assert saved["extra"]["retro"]["model"]["encoder_embedding_skip"]  # the default
-    assert saved["extra"]["retro"]["model"]["attention_gate_logit_scale"] == 30.0
+    assert saved["retro"]["model"]["encoder_embedding_skip"]  # the default
+    assert saved["retro"]["model"]["attention_gate_logit_scale"] == 30.0
+    saved["extra"] = {"retro": saved.pop("retro")}
     for field in ("align_neighbors", "encoder_embedding_skip", "attention_gate_logit_scale", "attention_gate_init"):
         del saved["extra"]["retro"]["model"][field]
     with open(config_file, "w") as f:
         json.dump(saved, f)
-    old = retro_checkpoint.config_from_checkpoint(path, str(workspace["work_dir"])).extra["retro"].model
+    old = retro_checkpoint.config_from_checkpoint(path, str(workspace["work_dir"])).retro.model
     assert not old.align_neighbors and not old.encoder_embedding_skip
     assert old.attention_gate_logit_scale == 1.0 and old.attention_gate_init == 0.5
 

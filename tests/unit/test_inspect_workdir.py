@@ -42,7 +42,7 @@ def training_dataset(workspace, work_dir, split: str, align: bool = True):
                  data=DataConfig(split="75,25,0", tokenizer_type="HuggingFaceTokenizer",
                                  tokenizer_model=str(workspace["tokenizer"])),
                  training=TrainingConfig(global_batch_size=2, train_iters=4, eval_interval=4, eval_iters=1))
-    cfg.extra["retro"] = retro_config.RetroTrainingConfig(add_retriever=True, work_dir=str(work_dir),
+    cfg.retro = retro_config.RetroTrainingConfig(add_retriever=True, work_dir=str(work_dir),
                                                    model=RetroConfig(chunk_length=M, num_neighbors=2,
                                                                      align_neighbors=align))
     retro_data.prepare(cfg)

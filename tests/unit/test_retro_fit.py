@@ -45,7 +45,7 @@ class CopyDataset:
 
 
 def datasets(cfg, counts):
-    return CopyDataset(counts[0], seed=int(cfg.extra["retro"].add_retriever)), None, None
+    return CopyDataset(counts[0], seed=int(cfg.retro.add_retriever)), None, None
 
 
 def config(add_retriever: bool, iters: int, *extra, fit_from=None, gate=False):
@@ -56,7 +56,7 @@ def config(add_retriever: bool, iters: int, *extra, fit_from=None, gate=False):
                       "--lr", "1e-2", "--lr-decay-style", "constant", "--eval-iters", "0", "--log-interval", "1",
                       "--peak-tflops", "1", "--weight-decay", "0.1", "--init-method-std", "0.1", *extra])
     cfg.model.vocab_size = VOCAB
-    cfg.extra["retro"] = retro_config.RetroTrainingConfig(
+    cfg.retro = retro_config.RetroTrainingConfig(
         add_retriever=add_retriever, fit_from=fit_from,
         model=RetroConfig(chunk_length=M, num_neighbors=K, decoder_layers=[2], encoder_num_layers=1,
                           attention_gate=gate, cca_gate_init=0.5))
@@ -109,7 +109,7 @@ def test_retro_fitting_freezes_the_gpt_bit_identically_and_lowers_the_loss(gpt_c
     assert fitted_loss < gpt_loss - 0.1, (float(fitted_loss), float(gpt_loss))
 
     # What the hook leaves trainable: exactly what RETRO adds, gates included.
-    model = RetroModel(cfg.model, cfg.extra["retro"].model)
+    model = RetroModel(cfg.model, cfg.retro.model)
     model.init_weights()
     retro_fit.post_init(model, cfg)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -133,12 +133,12 @@ def test_retro_fit_from_refuses_a_retro_checkpoint_and_another_architecture(gpt_
     gpt_dir, _ = gpt_checkpoint
     cfg = config(True, 1, "--save", str(tmp_path / "r"))
     run(cfg)
-    model = RetroModel(cfg.model, cfg.extra["retro"].model)
+    model = RetroModel(cfg.model, cfg.retro.model)
     with pytest.raises(ValueError, match="RETRO checkpoint"):
         retro_fit.load_gpt_into_retro(str(tmp_path / "r"), model, dataclasses.asdict(cfg.model))
     wider = dataclasses.replace(cfg.model, hidden_size=64)
     with pytest.raises(ValueError, match="saved with --hidden-size 32, this run has --hidden-size 64"):
-        retro_fit.load_gpt_into_retro(gpt_dir, RetroModel(wider, cfg.extra["retro"].model), dataclasses.asdict(wider))
+        retro_fit.load_gpt_into_retro(gpt_dir, RetroModel(wider, cfg.retro.model), dataclasses.asdict(wider))
     with pytest.raises(ValueError, match="no complete checkpoint"):
         retro_fit.load_gpt_into_retro(str(tmp_path / "none"), model, dataclasses.asdict(cfg.model))
 

@@ -5,8 +5,10 @@ from dataclasses import fields
 
 import pytest
 
+from megatron.models.retro.config import RetroConfig
 from megatron.training.arguments import SECTIONS, parse_args
 from megatron.training.config import TrainingConfig
+from megatron.training.retro_config import RetroTrainingConfig
 from megatron.transformer.config import ModelConfig
 
 
@@ -91,9 +93,10 @@ def test_entry_points_add_their_own_group_and_section():
 
     cfg = parse_args(["--retro-num-neighbors", "4", "--retro-add-retriever", "--num-layers", "2"],
                      extra_args_provider=add_retro_args,
-                     extra_config_provider=lambda args: {"retro": {"k": args.retro_num_neighbors,
-                                                                   "on": args.retro_add_retriever}})
-    assert cfg.extra["retro"] == {"k": 4, "on": True}
+                     extra_config_provider=lambda args: {"retro": RetroTrainingConfig(
+                         add_retriever=args.retro_add_retriever,
+                         model=RetroConfig(num_neighbors=args.retro_num_neighbors))})
+    assert cfg.retro.add_retriever and cfg.retro.model.num_neighbors == 4
     assert cfg.model.num_layers == 2
     with pytest.raises(SystemExit):
         parse_args(["--retro-num-neighbors", "4"])  # unknown without the provider

@@ -13,6 +13,7 @@ from megatron.models.loss import LM_LOSS, lm_loss
 from megatron.parallel.layout import Parallelized
 from megatron.training.arguments import parse_args
 from megatron.training.initialize import _launcher_env, initialize_distributed
+from megatron.training.retro_config import RetroTrainingConfig
 from megatron.training.trainer import Trainer, data_parallel, evaluate_dataset, pretrain, sample_counts
 
 VOCAB = 64
@@ -208,6 +209,17 @@ def test_a_pipeline_needs_the_entry_points_loss_fn():
 
     with pytest.raises(ValueError, match="loss_fn"):
         Trainer(_cfg(), model_provider, forward_step, datasets_provider, parallelize_fn=pipelined)
+
+
+def test_arguments_block_prints_every_field_of_the_sections_the_run_has(capsys):
+    cfg = _cfg()
+    Trainer(cfg, model_provider, forward_step, datasets_provider)
+    out = capsys.readouterr().out
+    assert "  training.micro_batch_size " in out and "  retro." not in out  # a GPT run has no retro section
+    cfg.retro = RetroTrainingConfig(budget_loss_coeff=0.5)
+    Trainer(cfg, model_provider, forward_step, datasets_provider)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("  retro.budget_loss_coeff .") and line.endswith(". 0.5") for line in lines)
 
 
 def test_launcher_environment_is_read_from_torchrun_or_slurm():

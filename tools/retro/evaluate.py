@@ -74,7 +74,7 @@ def evaluate_overlap_buckets(model, cfg: Config, num_samples: int, device) -> di
     """Per-chunk lm loss with retrieval on and off and gate, grouped by the chunk's overlap with
     the neighbours it reads (see the module docstring)."""
     _, valid, _ = retro_data.datasets(cfg, sample_counts(cfg), retrieval="on", training=False)
-    m = cfg.extra["retro"].model.chunk_length
+    m = cfg.retro.model.chunk_length
     sums = {name: {"chunks": 0, "on": 0.0, "off": 0.0, "gated": 0, "gate": 0.0} for name, _ in OVERLAP_BUCKETS}
     mbs = cfg.training.micro_batch_size
     seen = 0
@@ -154,7 +154,7 @@ def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_ba
         raise ValueError(f"{num_samples} validation samples are less than one global batch of {gbs} "
                          "(--eval-samples, or the run's --eval-iters x --global-batch-size)")
 
-    add_retriever = cfg.extra["retro"].add_retriever
+    add_retriever = cfg.retro.add_retriever
     results = {"step": step, "model": "retro" if add_retriever else "gpt", "num_samples": num_iters * gbs}
     modes = MODES if add_retriever else {"retrieval_off": "off"}
     for key, mode in modes.items():
@@ -173,7 +173,7 @@ def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_ba
     if probe:
         if env.is_distributed:
             raise ValueError("--copy-probe runs on one process: run it without torchrun")
-        rcfg = cfg.extra["retro"].model
+        rcfg = cfg.retro.model
         results["copy_probe"] = copy_probe(
             par.model, cfg.model.vocab_size, cfg.model.seq_length,
             rcfg.chunk_length if add_retriever else None, rcfg.num_neighbors if add_retriever else None,

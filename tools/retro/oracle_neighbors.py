@@ -115,7 +115,7 @@ def build(args):
     cfg = Config(model=ModelConfig(vocab_size=args.vocab_size, num_layers=args.num_layers,
                                    hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
                                    seq_length=args.seq_length))
-    cfg.extra["retro"] = retro_config.RetroTrainingConfig(add_retriever=True, model=RetroConfig(
+    cfg.retro = retro_config.RetroTrainingConfig(add_retriever=True, model=RetroConfig(
         chunk_length=args.retro_chunk_length, num_neighbors=args.retro_num_neighbors,
         decoder_layers=args.retro_decoder_layers, encoder_num_layers=args.retro_encoder_layers,
         encoder_hidden_size=args.retro_encoder_hidden_size,

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     try:
         prompt = read_prompt(args)
         model, tokenizer, cfg = load_for_generation(args.load, args.retro_work_dir, args.device)
-        retro = cfg.extra["retro"]
+        retro = cfg.retro
         prompt_tokens = tokenizer.tokenize(prompt)
         if not prompt_tokens:
             raise ValueError("the prompt is empty")
