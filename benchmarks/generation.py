@@ -27,8 +27,8 @@ from megatron.inference.generation import SamplingConfig, generate
 from megatron.inference.retrieval import LiveRetriever
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel
-from megatron.retro.chunk_db import ChunkDB
-from megatron.retro.workdir import build_workdir_tokenizer, load_workdir_config
+from megatron.retrieval.chunk_db import ChunkDB
+from megatron.retrieval.workdir import build_workdir_tokenizer, load_workdir_config
 from megatron.training.retro_checkpoint import load_for_generation
 from megatron.transformer.config import ModelConfig, pad_vocab_size
 

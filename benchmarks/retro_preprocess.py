@@ -40,13 +40,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron.data.builder import build_gpt_datasets
 from megatron.data.config import DataConfig
 from megatron.data.tokenizers import build_tokenizer
-from megatron.retro.chunk_db import DATASET, DOCUMENT, ChunkDB
-from megatron.retro.embedder import PRECISIONS, BertEmbedder, chunk_texts, iter_embedding_blocks
-from megatron.retro.index import (choose_index_str, default_ntrain, load_index, make_index, read_embeddings,
+from megatron.retrieval.chunk_db import DATASET, DOCUMENT, ChunkDB
+from megatron.retrieval.embedder import PRECISIONS, BertEmbedder, chunk_texts, iter_embedding_blocks
+from megatron.retrieval.index import (choose_index_str, default_ntrain, load_index, make_index, read_embeddings,
                                   set_search_params)
-from megatron.retro.query import document_keys, filter_neighbors, sample_chunks
-from megatron.retro.tasks import TASKS
-from megatron.retro.workdir import build_workdir_tokenizer, load_workdir_config
+from megatron.retrieval.query import document_keys, filter_neighbors, sample_chunks
+from megatron.retrieval.tasks import TASKS
+from megatron.retrieval.workdir import build_workdir_tokenizer, load_workdir_config
 from tools.corpus_from_files import write_corpus
 from tools.preprocess_data import preprocess
 from tools.retro.preprocess_data import main as retro_main

@@ -298,9 +298,9 @@ def build_work_dir(workspace: str, seq_length: int, chunk_length: int, num_neigh
 
 
 def retro_train_dataset(work_dir: str, num_neighbors: int, cache_dir: str):
-    """The training RetroDataset of a work dir, read as training reads it (megatron/retro/neighbors.py)."""
-    from megatron.retro.workdir import load_workdir_config
-    from megatron.retro.neighbors import workdir_dataset
+    """The training RetroDataset of a work dir, read as training reads it (megatron/retrieval/neighbors.py)."""
+    from megatron.retrieval.workdir import load_workdir_config
+    from megatron.retrieval.neighbors import workdir_dataset
 
     wd = load_workdir_config(work_dir)
     return workdir_dataset(work_dir, wd, "train", num_neighbors, data_cache_path=cache_dir), wd

@@ -1,5 +1,5 @@
 """The data's section of the run's configuration (--data-path, --split, the tokenizer, ...):
-beside the dataset builders that read it, which preprocessing (megatron/retro) and training
+beside the dataset builders that read it, which preprocessing (megatron/retrieval) and training
 both call."""
 
 from dataclasses import dataclass, field

@@ -1,7 +1,7 @@
 """Live retrieval for generation: a just-completed chunk -> its k neighbours from a work dir.
 
 The chunk goes down the same path as the DB's chunks and the training samples' queries
-(megatron/retro/query.py): GPT tokens, EOD removed, detokenized, embedded with the work dir's
+(megatron/retrieval/query.py): GPT tokens, EOD removed, detokenized, embedded with the work dir's
 frozen BERT, searched in the work dir's faiss index; candidates that are not valid DB chunks
 are dropped and the first k kept, each read with its continuation from the chunk DB (aligned to
 the chunk when the model was trained so). Unlike
@@ -15,11 +15,11 @@ import time
 
 import numpy as np
 
-from megatron.retro.chunk_db import ChunkDB
-from megatron.retro.embedder import BertEmbedder, chunk_texts, retriever_info
-from megatron.retro.index import load_index
-from megatron.retro.query import NO_DOCUMENT, filter_neighbors
-from megatron.retro.workdir import check_workdir_matches, load_workdir_config
+from megatron.retrieval.chunk_db import ChunkDB
+from megatron.retrieval.embedder import BertEmbedder, chunk_texts, retriever_info
+from megatron.retrieval.index import load_index
+from megatron.retrieval.query import NO_DOCUMENT, filter_neighbors
+from megatron.retrieval.workdir import check_workdir_matches, load_workdir_config
 
 RETRIEVAL_MODES = ("on", "off", "random")
 

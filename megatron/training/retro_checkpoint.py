@@ -10,7 +10,7 @@ import torch
 
 from megatron.data.tokenizers import build_tokenizer
 from megatron.models.retro.config import RetroConfig
-from megatron.retro.workdir import check_dataset_fingerprints, check_workdir_matches, load_workdir_config
+from megatron.retrieval.workdir import check_dataset_fingerprints, check_workdir_matches, load_workdir_config
 from megatron.training.checkpointing import (find_checkpoint, load_checkpoint, read_checkpoint_config,
                                              saved_retro_section)
 from megatron.training.config import Config

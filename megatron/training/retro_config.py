@@ -7,7 +7,7 @@ import dataclasses
 import os
 
 from megatron.models.retro.config import RetroConfig
-from megatron.retro.workdir import load_workdir_config
+from megatron.retrieval.workdir import load_workdir_config
 
 
 @dataclasses.dataclass
@@ -48,7 +48,7 @@ def add_retro_args(parser):
     g.add_argument("--retro-align-neighbors", action=argparse.BooleanOptionalAction,
                    default=RetroConfig.align_neighbors,
                    help="read each neighbour's 2m tokens from where the chunk it was retrieved for sits "
-                        "in it, moved by up to m tokens (megatron/retro/align.py); --no-retro-align-neighbors "
+                        "in it, moved by up to m tokens (megatron/retrieval/align.py); --no-retro-align-neighbors "
                         "reads chunk + continuation from the DB's chunk boundary, as the paper")
     g.add_argument("--retro-attention-gate", action="store_true",
                    help="learned per-chunk gate on each chunked cross-attention output, from the chunk's "

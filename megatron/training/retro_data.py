@@ -8,9 +8,9 @@ naming the field."""
 from megatron.data.blended_dataset import parse_data_path
 from megatron.data.builder import build_gpt_datasets, check_token_ids
 from megatron.data.retro_dataset import RetroDataset
-from megatron.retro.chunk_db import ChunkDB
-from megatron.retro.neighbors import load_neighbors
-from megatron.retro.workdir import (
+from megatron.retrieval.chunk_db import ChunkDB
+from megatron.retrieval.neighbors import load_neighbors
+from megatron.retrieval.workdir import (
     check_dataset_fingerprints,
     check_workdir_matches,
     expected_for_training,

@@ -20,7 +20,7 @@ from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.models.gpt.model import count_parameters
 from megatron.parallel.layout import resolve_batch_sizes
 from megatron.parallel.mesh import MeshShape, mesh_shape
-from megatron.retro.workdir import FORMAT_VERSION, WorkDir
+from megatron.retrieval.workdir import FORMAT_VERSION, WorkDir
 from megatron.training import retro_config, retro_step
 from megatron.training.arguments import build_parser, parse_args
 from megatron.transformer.config import pad_vocab_size

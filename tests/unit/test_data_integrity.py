@@ -14,9 +14,9 @@ from megatron.data.builder import check_token_ids, max_token_cache_path
 from megatron.data.indexed_dataset import (FINGERPRINT_PAGE_BYTES, FINGERPRINT_PAGES, IndexedDataset,
                                            IndexedDatasetBuilder, content_fingerprint)
 from megatron.data.tokenizers import build_tokenizer
-from megatron.retro.neighbors import load_neighbors
-from megatron.retro.tasks import describe_build
-from megatron.retro.workdir import WorkDir, write_json
+from megatron.retrieval.neighbors import load_neighbors
+from megatron.retrieval.tasks import describe_build
+from megatron.retrieval.workdir import WorkDir, write_json
 from megatron.training import retro_config, retro_data
 from megatron.training.arguments import parse_args
 from pretrain_gpt import main as pretrain_gpt

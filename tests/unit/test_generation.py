@@ -199,7 +199,7 @@ def retro_for_workdir(vocab_size: int, seed=0, gate=False):
 def test_live_retrieval_finds_the_prompt_documents_own_chunks(workspace):
     from megatron.data.tokenizers import build_tokenizer
     from megatron.inference.retrieval import LiveRetriever
-    from megatron.retro.chunk_db import ChunkDB
+    from megatron.retrieval.chunk_db import ChunkDB
 
     tokenizer = build_tokenizer("HuggingFaceTokenizer", str(workspace["tokenizer"]))
     db = ChunkDB(str(workspace["work_dir"]))
@@ -335,8 +335,8 @@ def test_evaluate_overlap_buckets_partition_the_chunks_and_their_loss(workspace,
 def test_aligned_neighbours_are_what_evaluation_reads_and_old_checkpoints_stay_as_trained(workspace, tmp_path):
     import json
 
-    from megatron.retro.chunk_db import ChunkDB
-    from megatron.retro.neighbors import load_neighbors
+    from megatron.retrieval.chunk_db import ChunkDB
+    from megatron.retrieval.neighbors import load_neighbors
     from megatron.training import retro_checkpoint, retro_data
     from megatron.training.checkpointing import CONFIG_FILE, TrainState, save_checkpoint
     from megatron.training.trainer import sample_counts

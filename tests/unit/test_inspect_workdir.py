@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from megatron.data.tokenizers import build_tokenizer
-from megatron.retro.chunk_db import ChunkDB
-from megatron.retro.neighbors import load_neighbors
-from megatron.retro.overlap import neighbor_overlaps
-from megatron.retro.workdir import WorkDir, load_workdir_config, write_json
+from megatron.retrieval.chunk_db import ChunkDB
+from megatron.retrieval.neighbors import load_neighbors
+from megatron.retrieval.overlap import neighbor_overlaps
+from megatron.retrieval.workdir import WorkDir, load_workdir_config, write_json
 from tools.retro.evaluate import OVERLAP_BUCKETS, bucket_of, chunk_overlaps
 from tools.retro.inspect_workdir import main
 

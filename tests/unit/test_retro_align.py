@@ -1,8 +1,8 @@
-"""Aligned neighbours (megatron/retro/align.py): the shift that lines a neighbour up with its chunk."""
+"""Aligned neighbours (megatron/retrieval/align.py): the shift that lines a neighbour up with its chunk."""
 
 import numpy as np
 
-from megatron.retro.align import alignment_shifts
+from megatron.retrieval.align import alignment_shifts
 
 M, EOD = 16, 0
 

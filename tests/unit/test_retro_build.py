@@ -19,12 +19,12 @@ from megatron.data.builder import build_gpt_datasets
 from megatron.data.config import DataConfig
 from megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron.data.tokenizers import build_tokenizer
-from megatron.retro.chunk_db import ChunkDB
-from megatron.retro.embedder import BertEmbedder, iter_embedding_blocks
-from megatron.retro.index import add_to_index, load_index, sample_training_ids, train_index
-from megatron.retro.query import WIDEN_LIMIT
-from megatron.retro.tasks import prepare_workdir
-from megatron.retro.workdir import (WorkDir, check_workdir_matches, expected_for_training, load_workdir_config,
+from megatron.retrieval.chunk_db import ChunkDB
+from megatron.retrieval.embedder import BertEmbedder, iter_embedding_blocks
+from megatron.retrieval.index import add_to_index, load_index, sample_training_ids, train_index
+from megatron.retrieval.query import WIDEN_LIMIT
+from megatron.retrieval.tasks import prepare_workdir
+from megatron.retrieval.workdir import (WorkDir, check_workdir_matches, expected_for_training, load_workdir_config,
                                     write_json)
 from tests.distributed.launcher import launch
 from tools.preprocess_data import preprocess

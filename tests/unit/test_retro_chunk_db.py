@@ -8,11 +8,11 @@ import pytest
 from megatron.data.builder import sample_counts
 from megatron.data.config import DataConfig
 from megatron.data.indexed_dataset import IndexedDatasetBuilder
-from megatron.retro.chunk_db import ChunkDB, build_chunk_db
-from megatron.retro.index import choose_index_str
-from megatron.retro.query import NO_DOCUMENT, document_keys, filter_neighbors
-from megatron.retro.tasks import parse_tasks
-from megatron.retro.workdir import check_workdir_matches, expected_for_training, normalize_data_path
+from megatron.retrieval.chunk_db import ChunkDB, build_chunk_db
+from megatron.retrieval.index import choose_index_str
+from megatron.retrieval.query import NO_DOCUMENT, document_keys, filter_neighbors
+from megatron.retrieval.tasks import parse_tasks
+from megatron.retrieval.workdir import check_workdir_matches, expected_for_training, normalize_data_path
 
 M, EOD = 8, 0
 

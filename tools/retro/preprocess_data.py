@@ -33,9 +33,9 @@ import os
 import sys
 
 from megatron.data.tokenizers import TOKENIZER_TYPES
-from megatron.retro.blocks import StopAfterBlocks
-from megatron.retro.embedder import PRECISIONS
-from megatron.retro.tasks import TASK_GROUPS, TASKS, run_tasks
+from megatron.retrieval.blocks import StopAfterBlocks
+from megatron.retrieval.embedder import PRECISIONS
+from megatron.retrieval.tasks import TASK_GROUPS, TASKS, run_tasks
 from megatron.training.config import TrainingConfig
 
 # Exit status of a run cut short by --retro-stop-after-blocks: the work dir is not complete.

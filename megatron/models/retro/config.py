@@ -37,7 +37,7 @@ class RetroConfig:
     # even with neighbours that hold the text (docs/experiments.md, tools/retro/oracle_neighbors.py).
     cca_gate_init: float = 0.1
     # Read each neighbour's 2m tokens from where the chunk that retrieved it sits in it, rather than
-    # from the DB's chunk boundary (megatron/retro/align.py): a copy then lines up with the text
+    # from the DB's chunk boundary (megatron/retrieval/align.py): a copy then lines up with the text
     # it continues, which a small model learns to use; it did not learn to find it by content.
     align_neighbors: bool = True
     attention_gate: bool = False  # learned per-chunk gate on each CCA output (adaptive retrieval)

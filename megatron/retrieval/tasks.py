@@ -19,13 +19,13 @@ from megatron.data.gpt_dataset import parse_split, split_document_ranges
 from megatron.data.indexed_dataset import IndexedDataset
 from megatron.data.tokenizers import build_tokenizer
 from megatron.parallel.ranks import barrier, rank_and_world_size
-from megatron.retro.blocks import BlockBudget, log
-from megatron.retro.chunk_db import ChunkDB, build_chunk_db
-from megatron.retro.embedder import BertEmbedder, chunk_texts, embed_chunk_db, retriever_info
-from megatron.retro.index import add_to_index, choose_index_str, load_index, read_index_checked, train_index
-from megatron.retro.query import Searcher, assemble_neighbors, damaged_neighbors, query_split
-from megatron.retro.verify import verify
-from megatron.retro.workdir import (CONFIG_NAME, FORMAT_VERSION, BuildRecord, WorkDir, check_build_matches,
+from megatron.retrieval.blocks import BlockBudget, log
+from megatron.retrieval.chunk_db import ChunkDB, build_chunk_db
+from megatron.retrieval.embedder import BertEmbedder, chunk_texts, embed_chunk_db, retriever_info
+from megatron.retrieval.index import add_to_index, choose_index_str, load_index, read_index_checked, train_index
+from megatron.retrieval.query import Searcher, assemble_neighbors, damaged_neighbors, query_split
+from megatron.retrieval.verify import verify
+from megatron.retrieval.workdir import (CONFIG_NAME, FORMAT_VERSION, BuildRecord, WorkDir, check_build_matches,
                                     check_dataset_fingerprints, dataset_fingerprints, load_workdir_config,
                                     normalize_data_path, remove_leftover_temp_files, write_json)
 
@@ -71,7 +71,7 @@ def _library_versions() -> dict:
 
 def describe_build(args, tokenizer) -> dict:
     """The config a work dir built from these arguments records (before any task runs): its
-    BuildRecord (megatron/retro/workdir.py), as a dict."""
+    BuildRecord (megatron/retrieval/workdir.py), as a dict."""
     datasets = [_dataset_entry(prefix) for _, prefix in parse_data_path(args.data_path)]
     if args.retro_db_data_path:
         db_datasets = [_dataset_entry(prefix, (0, len(IndexedDataset(prefix))))

@@ -12,11 +12,11 @@ The report is written to WD/verify.json; a failed check raises ValueError after 
 
 import numpy as np
 
-from megatron.retro.blocks import log
-from megatron.retro.embedder import chunk_texts, iter_embedding_blocks
-from megatron.retro.index import read_embeddings
-from megatron.retro.query import damaged_neighbors, document_keys
-from megatron.retro.workdir import WorkDir, write_json
+from megatron.retrieval.blocks import log
+from megatron.retrieval.embedder import chunk_texts, iter_embedding_blocks
+from megatron.retrieval.index import read_embeddings
+from megatron.retrieval.query import damaged_neighbors, document_keys
+from megatron.retrieval.workdir import WorkDir, write_json
 
 MIN_COSINE = 0.999  # recomputed vs stored embedding (float16 rounding costs ~1e-6)
 MIN_NEIGHBOR_AGREEMENT = 0.95  # recomputed vs stored neighbour slots (float noise may swap ties)

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megatron.retro.blocks import BlockBudget, log
-from megatron.retro.workdir import WorkDir, save_npy
+from megatron.retrieval.blocks import BlockBudget, log
+from megatron.retrieval.workdir import WorkDir, save_npy
 
 # Stored embeddings are unit vectors rounded to float16: norms stay well within this of 1.
 NORM_TOLERANCE = 1e-2

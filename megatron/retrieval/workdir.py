@@ -147,7 +147,7 @@ def _field(flags: str | None, *, compared: bool = True, normalize=None, older=No
 @dataclasses.dataclass
 class BuildRecord:
     """config.json's schema: the fields the build writes when it creates the work dir
-    (megatron/retro/tasks.py's describe_build fills every one), and what checks each. A rerun of
+    (megatron/retrieval/tasks.py's describe_build fills every one), and what checks each. A rerun of
     the build compares the `compared` ones (check_build_matches); training compares those
     `expected_for_training` names; generation and live retrieval the tokenizer and chunk length."""
     format_version: int = _field(None, compared=False)  # load_workdir_config refuses another

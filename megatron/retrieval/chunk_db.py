@@ -16,8 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron.data.indexed_dataset import IndexedDataset
-from megatron.retro.align import alignment_shifts
-from megatron.retro.workdir import WorkDir, load_workdir_config, open_memmap_atomic
+from megatron.retrieval.align import alignment_shifts
+from megatron.retrieval.workdir import WorkDir, load_workdir_config, open_memmap_atomic
 
 DATASET, DOCUMENT, OFFSET, LENGTH = range(4)
 # Chunks per vectorised step while building: bounds memory, not correctness.
@@ -169,7 +169,7 @@ class ChunkDB:
         align_to: int64 [..., m] the chunk each neighbour was retrieved for (broadcast over the
         last axis of chunk_ids: [..., k] ids take [..., m] chunks), or None. Given, each window
         is moved by up to m tokens within its document to where that chunk sits in it
-        (megatron/retro/align.py); before the document's start comes EOD padding too."""
+        (megatron/retrieval/align.py); before the document's start comes EOD padding too."""
         ids = np.asarray(chunk_ids, dtype=np.int64)
         flat = ids.reshape(-1)
         m = self.chunk_length

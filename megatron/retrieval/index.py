@@ -16,9 +16,9 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from megatron.retro.blocks import log
-from megatron.retro.embedder import block_range, iter_embedding_blocks, load_embedding_block
-from megatron.retro.workdir import WorkDir, atomic_path
+from megatron.retrieval.blocks import log
+from megatron.retrieval.embedder import block_range, iter_embedding_blocks, load_embedding_block
+from megatron.retrieval.workdir import WorkDir, atomic_path
 
 # Below this many chunks exact search is fast enough and needs no training.
 FLAT_LIMIT = 100_000

@@ -18,10 +18,10 @@ import shutil
 import numpy as np
 from tqdm import tqdm
 
-from megatron.retro.blocks import BlockBudget, log
-from megatron.retro.chunk_db import DATASET, DOCUMENT
-from megatron.retro.embedder import chunk_texts
-from megatron.retro.workdir import WorkDir, open_memmap_atomic, save_npy
+from megatron.retrieval.blocks import BlockBudget, log
+from megatron.retrieval.chunk_db import DATASET, DOCUMENT
+from megatron.retrieval.embedder import chunk_texts
+from megatron.retrieval.workdir import WorkDir, open_memmap_atomic, save_npy
 
 # A document is identified across datasets by one int64: dataset_id << 40 | document_id.
 _DOCUMENT_BITS = 40

@@ -11,8 +11,8 @@ from megatron.data.builder import SPLIT_NAMES, build_gpt_datasets
 from megatron.data.config import DataConfig
 from megatron.data.retro_dataset import RetroDataset
 from megatron.models.retro.config import RetroConfig
-from megatron.retro.chunk_db import ChunkDB
-from megatron.retro.workdir import WorkDir
+from megatron.retrieval.chunk_db import ChunkDB
+from megatron.retrieval.workdir import WorkDir
 
 
 def load_neighbors(work_dir: str, split: str) -> np.ndarray:
