@@ -45,6 +45,12 @@ def add_retro_args(parser):
                    help="start of each retro layer's tanh(alpha) gate on its chunked cross-attention "
                         "output (alpha; 0 starts closed, as Flamingo, and stayed closed on real text: "
                         "docs/experiments.md)")
+    g.add_argument("--retro-neighbor-embedding-grad", action=argparse.BooleanOptionalAction,
+                   default=RetroConfig.neighbor_embedding_grad,
+                   help="let the retrieval path train the token embedding it reads the neighbours with, as the "
+                        "paper; --no-retro-neighbor-embedding-grad detaches it: no early lag behind the GPT "
+                        "where neighbours hold little, weaker reading where they hold the text "
+                        "(models/retro/config.py)")
     g.add_argument("--retro-align-neighbors", action=argparse.BooleanOptionalAction,
                    default=RetroConfig.align_neighbors,
                    help="read each neighbour's 2m tokens from where the chunk it was retrieved for sits "
@@ -86,6 +92,7 @@ def retro_config_from_args(args) -> dict:
         encoder_cross_attention=args.retro_encoder_cross_attention,
         encoder_embedding_skip=args.retro_encoder_embedding_skip,
         cca_gate_init=args.retro_cca_gate_init,
+        neighbor_embedding_grad=args.retro_neighbor_embedding_grad,
         align_neighbors=args.retro_align_neighbors,
         attention_gate=args.retro_attention_gate,
         attention_gate_logit_scale=args.retro_attention_gate_logit_scale,

@@ -110,11 +110,13 @@ class RetroModel(GPTModel):
             raise ValueError(f"neighbor_mask shape {tuple(neighbor_mask.shape)}, expected {(b, l, k)}")
 
     def embed_neighbors(self, neighbor_tokens: torch.Tensor, neighbor_mask: torch.Tensor | None) -> torch.Tensor:
-        """[b, l, k, r] ids -> [b, l, k, r, h] with the decoder's embedding. Masked neighbours'
-        ids may be anything (-1 included): they are replaced by 0 before the lookup."""
+        """[b, l, k, r] ids -> [b, l, k, r, h] with the decoder's embedding, detached unless
+        RetroConfig.neighbor_embedding_grad. Masked neighbours' ids may be anything (-1
+        included): they are replaced by 0 before the lookup."""
         if neighbor_mask is not None:
             neighbor_tokens = neighbor_tokens.masked_fill(~neighbor_mask[..., None], 0)
-        return self.tok_embeddings(neighbor_tokens)
+        embedded = self.tok_embeddings(neighbor_tokens)
+        return embedded if self.retro_cfg.neighbor_embedding_grad else embedded.detach()
 
     def neighbor_overlap(self, tokens: torch.Tensor, neighbor_tokens: torch.Tensor,
                          neighbor_mask: torch.Tensor | None) -> torch.Tensor | None:
