@@ -17,11 +17,12 @@ from megatron.data.blended_dataset import parse_data_path
 from megatron.data.builder import build_gpt_datasets, check_token_ids
 from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.models.gpt.model import GPTModel
+from megatron.models.loss import next_token_loss
 from megatron.parallel.parallelize import parallelize_fn
 from megatron.training.arguments import parse_args
 from megatron.training.config import Config
 from megatron.training.tokenizer import build_run_tokenizer
-from megatron.training.trainer import next_token_loss, pretrain
+from megatron.training.trainer import pretrain
 
 
 def model_provider(cfg: Config) -> GPTModel:

@@ -15,10 +15,11 @@ runs data, tensor and sequence parallel (--tensor-model-parallel-size, --sequenc
 
 import sys
 
+from megatron.models.loss import next_token_loss
 from megatron.parallel.parallelize import parallelize_fn
 from megatron.training import retro_config, retro_data, retro_fit, retro_step
 from megatron.training.arguments import parse_args
-from megatron.training.trainer import next_token_loss, pretrain
+from megatron.training.trainer import pretrain
 
 
 def main(argv=None) -> dict:

@@ -35,7 +35,7 @@ from megatron.models.retro.model import RetroModel  # noqa: E402
 from megatron.parallel.config import ParallelConfig  # noqa: E402
 from megatron.parallel.mesh import build_device_mesh  # noqa: E402
 from megatron.parallel.pipeline import PipelinedModel  # noqa: E402
-from megatron.training.trainer import next_token_loss  # noqa: E402
+from megatron.models.loss import next_token_loss  # noqa: E402
 from megatron.transformer.config import ModelConfig  # noqa: E402
 
 PP = 2

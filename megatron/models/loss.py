@@ -34,3 +34,10 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
     mask = loss_mask.flatten().to(losses.dtype)
     # clamp: an all-masked micro-batch contributes 0 instead of NaN
     return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def next_token_loss(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+    """loss_fn of language-model batches ({"text": tokens [b, s + 1]}): the LM loss of the logits
+    of text[:, :-1] on the next tokens."""
+    loss = lm_loss(logits, batch["text"][:, 1:])
+    return loss, {LM_LOSS: loss.detach()}

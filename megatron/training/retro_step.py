@@ -1,15 +1,15 @@
 """The model pretrain_retro.py trains (RETRO, or without --retro-add-retriever the same-size
 GPT), its FLOPs per token, and its training step with the metrics it logs: forward_step on the
-whole model, the LM loss of its logits (trainer.next_token_loss) plus the gates' budget
+whole model, the LM loss of its logits (models/loss.py's next_token_loss) plus the gates' budget
 (make_budget_loss_fn), the two that pipeline stages run instead."""
 
 import torch
 
 from megatron.models.gpt.flops import gpt_flops_per_token
 from megatron.models.gpt.model import GPTModel
+from megatron.models.loss import next_token_loss
 from megatron.models.retro.model import BUDGET_LOSS, GATE_MEAN, RetroModel, retro_flops_per_token
 from megatron.training.config import Config
-from megatron.training.trainer import next_token_loss
 
 # Below this retrieval-off minus retrieval-on lm loss a model is taken to ignore its neighbours
 # (evaluate.py's --min-delta warning, the quickstart's verdict).

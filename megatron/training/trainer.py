@@ -14,7 +14,7 @@ its `train` loop; `evaluate_dataset` evaluates a loaded model the way validation
   (or floats) to log, e.g. {"lm loss": ...} or RETRO's {"lm loss": ..., "budget loss": ...}.
   Metrics are averaged over micro-batches, data-parallel ranks and the log interval.
 - loss_fn(logits, batch) -> (loss, metrics): forward_step's part after the model (e.g.
-  `next_token_loss`), and budget_loss_fn(gate mean) -> loss (RETRO's budget on its gates, which
+  `megatron.models.loss.next_token_loss`), and budget_loss_fn(gate mean) -> loss (RETRO's budget on its gates, which
   forward_step adds; None: none): under pipeline parallelism no process runs the whole model, and
   the pipeline runs these on its stages instead of forward_step (loss_fn is then required).
 - datasets_provider(cfg, (n_train, n_valid, n_test)) -> (train, valid, test) datasets (valid and
@@ -43,7 +43,7 @@ from torch import nn
 from megatron.data import builder
 from megatron.data.batches import Batches
 from megatron.models.gpt.flops import gpt_flops_per_token
-from megatron.models.loss import LM_LOSS, lm_loss
+from megatron.models.loss import LM_LOSS
 from megatron.parallel.layout import DistEnv, Parallelized, resolve_batch_sizes
 from megatron.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron.training.config import Config
@@ -81,13 +81,6 @@ def sample_counts(cfg: Config) -> tuple[int, int, int]:
     follows too (`megatron.data.builder.sample_counts`)."""
     t = cfg.training
     return builder.sample_counts(None, t.train_iters, t.global_batch_size, t.eval_interval, t.eval_iters)
-
-
-def next_token_loss(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
-    """loss_fn of language-model batches ({"text": tokens [b, s + 1]}): the LM loss of the logits
-    of text[:, :-1] on the next tokens."""
-    loss = lm_loss(logits, batch["text"][:, 1:])
-    return loss, {LM_LOSS: loss.detach()}
 
 
 def _is_retro(cfg: Config) -> bool:

@@ -37,11 +37,10 @@ import trainer_worker
 from launcher import launch
 
 from megatron.models.gpt.model import GPTModel
-from megatron.models.loss import lm_loss
+from megatron.models.loss import lm_loss, next_token_loss
 from megatron.models.retro.config import RetroConfig
 from megatron.models.retro.model import RetroModel
 from megatron.parallel.config import ParallelConfig
-from megatron.training.trainer import next_token_loss
 from megatron.transformer.config import ModelConfig
 
 VOCAB, SEQ, GLOBAL_BATCH, MICRO = 128, 32, 8, 4

@@ -20,11 +20,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from megatron.models.gpt.model import GPTModel
-from megatron.models.loss import LM_LOSS
+from megatron.models.loss import LM_LOSS, next_token_loss
 from megatron.parallel.config import ParallelConfig
 from megatron.parallel.parallelize import parallelize_fn
 from megatron.training.config import CheckpointConfig, Config, LoggingConfig, TrainingConfig
-from megatron.training.trainer import next_token_loss, pretrain
+from megatron.training.trainer import pretrain
 from megatron.transformer.config import ModelConfig
 
 SEQ, VOCAB = 32, 128

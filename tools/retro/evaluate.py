@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.data.loader import build_data_loader
-from megatron.models.loss import LM_LOSS, token_losses
+from megatron.models.loss import LM_LOSS, next_token_loss, token_losses
 from megatron.parallel.config import ParallelConfig
 from megatron.parallel.parallelize import parallelize_fn
 from megatron.parallel.ranks import is_distributed, rank_and_world_size
@@ -64,7 +64,7 @@ from megatron.training.config import Config
 from megatron.training.copy_probe import copy_probe
 from megatron.training.initialize import initialize_distributed
 from megatron.training.retro_checkpoint import checkpoint_config, load_weights
-from megatron.training.trainer import evaluate_dataset, next_token_loss, sample_counts
+from megatron.training.trainer import evaluate_dataset, sample_counts
 
 MODES = {"retrieval_on": "on", "retrieval_off": "off", "random_retrieval": "random"}
 
