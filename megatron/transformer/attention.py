@@ -7,7 +7,6 @@ key/value head serves num_heads / num_kv_heads consecutive query heads (HF Llama
 rank that owns a slice of both keeps whole groups, so the ratio is the same on every rank.
 """
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
