@@ -111,8 +111,7 @@ class IncrementalDecoder:
                 attn_mask = (positions[:, None] >= torch.arange(end, device=tokens.device)[None, :])[None, None]
         h = model.tok_embeddings(tokens)
         for name, layer in model.layers.items():
-            x = h + layer.attention(layer.attention_norm(h), rope_q=rope, rope_k=rope, causal=causal,
-                                    attn_mask=attn_mask, kv_cache=self.caches[name])
+            x = layer.attend(h, rope, causal=causal, attn_mask=attn_mask, kv_cache=self.caches[name])
             if isinstance(layer, RetroBlock):
                 x = x + self._cross_attend(layer, x, start, embedded)
             h = layer.feed_forward(x)

@@ -21,8 +21,12 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.ffn_hidden_size, cfg.swiglu, bias=cfg.add_bias_linear)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def attend(self, x: torch.Tensor, rope) -> torch.Tensor:
-        return x + self.dropout(self.attention(self.attention_norm(x), rope_q=rope, rope_k=rope, causal=True))
+    def attend(self, x: torch.Tensor, rope, causal: bool = True, attn_mask=None, kv_cache=None) -> torch.Tensor:
+        """The self-attention sublayer; attn_mask and kv_cache are incremental decoding's
+        (megatron/inference/decoder.py), whose later steps pass causal=False and their own mask."""
+        attended = self.attention(self.attention_norm(x), rope_q=rope, rope_k=rope, causal=causal,
+                                  attn_mask=attn_mask, kv_cache=kv_cache)
+        return x + self.dropout(attended)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
