@@ -4,11 +4,13 @@ texts in bounded memory), detokenize, vocab_size, eod, fingerprint.
 Both kinds are byte-level BPE run by the HF `tokenizers` library (no `transformers` import):
 - "HuggingFaceTokenizer": a `tokenizer.json` (as written by tools/train_tokenizer.py);
 - "GPT2BPETokenizer": GPT-2's vocab.json + merges.txt.
-The end-of-document token is "<|endoftext|>" in both. The fingerprint is the sha256 of the exact
+The end-of-document token is "<|endoftext|>" in both (or a HF directory's eos_token where its
+vocabulary has none). The fingerprint is the sha256 of the exact
 bytes the tokenizer was loaded from, so a work dir can tell when it was built with another one.
 """
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 
@@ -41,11 +43,11 @@ def _read_bytes(path: str, what: str) -> bytes:
 class _ByteLevelBPETokenizer:
     """Wraps a `tokenizers.Tokenizer`; subclasses only differ in how they load it."""
 
-    def __init__(self, tokenizer: Tokenizer, source: str, fingerprint: str):
+    def __init__(self, tokenizer: Tokenizer, source: str, fingerprint: str, eod_token: str = EOD_TOKEN):
         self._tokenizer = tokenizer
-        eod = tokenizer.token_to_id(EOD_TOKEN)
+        eod = tokenizer.token_to_id(eod_token)
         if eod is None:
-            raise ValueError(f"{source}: the vocabulary has no {EOD_TOKEN!r} token")
+            raise ValueError(f"{source}: the vocabulary has no {eod_token!r} token")
         self.eod = eod
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self._fingerprint = fingerprint
@@ -103,7 +105,9 @@ class _ByteLevelBPETokenizer:
 
 
 class HuggingFaceTokenizer(_ByteLevelBPETokenizer):
-    """A HF `tokenizer.json`; `path` is the file or a directory holding it."""
+    """A HF `tokenizer.json`; `path` is the file or a directory holding it. A vocabulary without
+    "<|endoftext|>" (Llama-3's, SentencePiece-converted ones) ends documents with the eos_token
+    of the tokenizer_config.json beside it, as a Hugging Face model directory has."""
 
     def __init__(self, path: str):
         if path and os.path.isdir(path):
@@ -113,7 +117,25 @@ class HuggingFaceTokenizer(_ByteLevelBPETokenizer):
             tokenizer = Tokenizer.from_str(data.decode("utf-8"))
         except Exception as e:  # the library raises plain Exception on malformed files
             raise ValueError(f"{path}: not a valid tokenizer.json: {e}") from e
-        super().__init__(tokenizer, path, hashlib.sha256(data).hexdigest())
+        digest = hashlib.sha256(data)
+        eod_token = EOD_TOKEN
+        if tokenizer.token_to_id(EOD_TOKEN) is None:
+            eod_token = _config_eos_token(os.path.join(os.path.dirname(path), "tokenizer_config.json")) or EOD_TOKEN
+            digest.update(eod_token.encode("utf-8"))  # the same file read with another end of document
+        super().__init__(tokenizer, path, digest.hexdigest(), eod_token)
+
+
+def _config_eos_token(config_path: str) -> str | None:
+    """The eos_token a HF tokenizer_config.json names (a string or {"content": ...}); None when
+    there is no such file or field."""
+    if not os.path.isfile(config_path):
+        return None
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{config_path}: not a valid tokenizer_config.json: {e}") from e
+    return eos.get("content") if isinstance(eos, dict) else eos
 
 
 class GPT2BPETokenizer(_ByteLevelBPETokenizer):

@@ -144,6 +144,27 @@ def test_errors_name_the_problem(tokenizer_dir, tmp_path):
     assert str(no_eod) in str(error.value)
 
 
+def test_a_hf_directory_without_endoftext_ends_documents_with_its_eos_token(tokenizer_dir, tmp_path):
+    """Llama-3's vocabulary has no <|endoftext|>: its tokenizer_config.json names the eos."""
+    with open(os.path.join(tokenizer_dir, "tokenizer.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    eod_id = config["model"]["vocab"].pop(EOD_TOKEN)
+    config["model"]["vocab"]["<|end_of_text|>"] = eod_id
+    for token in config["added_tokens"]:
+        if token["content"] == EOD_TOKEN:
+            token["content"] = "<|end_of_text|>"
+    model_dir = tmp_path / "hf_model"
+    model_dir.mkdir()
+    (model_dir / "tokenizer.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(ValueError, match="endoftext"):  # no tokenizer_config.json to name another
+        build_tokenizer("HuggingFaceTokenizer", str(model_dir))
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": {"content": "<|end_of_text|>", "special": True}}), encoding="utf-8")
+    tokenizer = build_tokenizer("HuggingFaceTokenizer", str(model_dir))
+    assert tokenizer.eod == eod_id
+    assert tokenizer.detokenize([tokenizer.eod]) == "<|end_of_text|>"
+
+
 def test_train_tokenizer_rejects_bad_input(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "no text key"}\n', encoding="utf-8")
