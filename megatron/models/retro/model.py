@@ -33,7 +33,7 @@ from megatron.transformer.norm import build_norm
 # A RetroBlock's submodules that a TransformerBlock does not have.
 RETRIEVAL_PARTS = {"cca_norm", "cca", "cca_gate", "encoder", "gate"}
 # The metrics gate_mean and the budget loss on it are logged as, by the trainer's forward step
-# (megatron/training/retro.py) and the pipeline.
+# (megatron/training/retro_step.py) and the pipeline.
 GATE_MEAN, BUDGET_LOSS = "gate mean", "budget loss"
 
 
