@@ -343,6 +343,7 @@ class PipelinedModel:
         self.schedule = cls(stages if interleaved else stages[0], num_microbatches, loss_fn=self._micro_batch_loss,
                             scale_grads=False)
         self._step_loss = None  # the running step's: (loss_fn, its micro-batches, their metrics by number)
+        self._metric_names = {}  # loss_fn -> the names of its metrics, learnt from the last stage once
         self.has_last_stage = num_stages - 1 in local
         self.last_rank = dist.get_global_rank(self.pp_group, self.pp_size - 1)
 
@@ -379,17 +380,19 @@ class PipelinedModel:
         # the head's logits are vocabulary-sharded (it only changes how DTensor cross-entropy runs).
         with loss_parallel_context(self.model):
             run(*args, target=target, return_outputs=False, **kwargs)
-        result = self._broadcast_loss_metrics(metrics, text.device)
+        result = self._broadcast_loss_metrics(loss_fn, metrics, text.device)
         if self.num_gates and "neighbor_tokens" in batch:
             result.update(self._gate_metrics(budget_loss_fn))
         return result
 
-    def _broadcast_loss_metrics(self, metrics: dict[int, dict], device: torch.device) -> dict[str, torch.Tensor]:
+    def _broadcast_loss_metrics(self, loss_fn, metrics: dict[int, dict], device: torch.device) -> dict[str, torch.Tensor]:
         """loss_fn's metrics averaged over the micro-batches, from the last stage to every rank of
-        the pipeline (only the last stage knows their names)."""
-        names = [sorted(metrics[0]) if self.has_last_stage else None]
-        dist.broadcast_object_list(names, self.last_rank, group=self.pp_group, device=device)
-        names = names[0]
+        the pipeline (only the last stage knows their names: sent on loss_fn's first step only)."""
+        names = self._metric_names.get(loss_fn)
+        if names is None:
+            names = [sorted(metrics[0]) if self.has_last_stage else None]
+            dist.broadcast_object_list(names, self.last_rank, group=self.pp_group, device=device)
+            names = self._metric_names[loss_fn] = names[0]
         if self.has_last_stage:
             n = self.num_microbatches
             values = torch.stack([torch.stack([torch.as_tensor(metrics[i][k], device=device).float()
