@@ -27,9 +27,10 @@ def config_from_checkpoint(path: str, work_dir: str) -> Config:
         raise ValueError(f"{path}: not a pretrain_retro.py checkpoint (its config has no retro section)")
     # Checkpoints from before aligned neighbours were trained on the DB's chunk boundaries, and
     # those from before the encoder's embedding skip have none; their gates read unscaled logits
-    # that started half open.
+    # that started half open, and their retrieval path trained the neighbours' embedding.
     model = RetroConfig(**{"align_neighbors": False, "encoder_embedding_skip": False,
                            "attention_gate_logit_scale": 1.0, "attention_gate_init": 0.5,
+                           "neighbor_embedding_grad": True,
                            **saved_retro["model"]})
     retro = RetroTrainingConfig(**dict(saved_retro, model=model, work_dir=os.path.abspath(work_dir)))
     return Config(**{f.name: _build(f.default_factory, saved[f.name])

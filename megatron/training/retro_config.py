@@ -48,9 +48,8 @@ def add_retro_args(parser):
     g.add_argument("--retro-neighbor-embedding-grad", action=argparse.BooleanOptionalAction,
                    default=RetroConfig.neighbor_embedding_grad,
                    help="let the retrieval path train the token embedding it reads the neighbours with, as the "
-                        "paper; --no-retro-neighbor-embedding-grad detaches it: no early lag behind the GPT "
-                        "where neighbours hold little, weaker reading where they hold the text "
-                        "(models/retro/config.py)")
+                        "paper; off by default (detached): with it RETRO trained above its GPT early where the "
+                        "neighbours hold little, and it read real ones no better (models/retro/config.py)")
     g.add_argument("--retro-align-neighbors", action=argparse.BooleanOptionalAction,
                    default=RetroConfig.align_neighbors,
                    help="read each neighbour's 2m tokens from where the chunk it was retrieved for sits "

@@ -356,7 +356,8 @@ def test_aligned_neighbours_are_what_evaluation_reads_and_old_checkpoints_stay_a
     assert not np.array_equal(item["neighbor_tokens"], db.get_tokens(ids[0, :, :k]))  # some neighbour moved
 
     # A checkpoint written before the fields existed was trained on unaligned neighbours, with
-    # the paper's encoder (no embedding skip), and their gate read its logits unscaled; it saved
+    # the paper's encoder (no embedding skip), its retrieval path trained the neighbours'
+    # embedding, and their gate read its logits unscaled; it saved
     # the retro section as extra["retro"], from before Config had a typed one.
     config_file = os.path.join(path, CONFIG_FILE)
     with open(config_file) as f:
@@ -364,12 +365,14 @@ def test_aligned_neighbours_are_what_evaluation_reads_and_old_checkpoints_stay_a
     assert saved["retro"]["model"]["encoder_embedding_skip"]  # the default
     assert saved["retro"]["model"]["attention_gate_logit_scale"] == 30.0
     saved["extra"] = {"retro": saved.pop("retro")}
-    for field in ("align_neighbors", "encoder_embedding_skip", "attention_gate_logit_scale", "attention_gate_init"):
+    assert not saved["extra"]["retro"]["model"]["neighbor_embedding_grad"]  # the default
+    for field in ("align_neighbors", "encoder_embedding_skip", "attention_gate_logit_scale", "attention_gate_init",
+                  "neighbor_embedding_grad"):
         del saved["extra"]["retro"]["model"][field]
     with open(config_file, "w") as f:
         json.dump(saved, f)
     old = retro_checkpoint.config_from_checkpoint(path, str(workspace["work_dir"])).retro.model
-    assert not old.align_neighbors and not old.encoder_embedding_skip
+    assert not old.align_neighbors and not old.encoder_embedding_skip and old.neighbor_embedding_grad
     assert old.attention_gate_logit_scale == 1.0 and old.attention_gate_init == 0.5
 
 

@@ -36,12 +36,12 @@ class RetroConfig:
     # flipping the sign of every CCA gradient: on real text it stayed closed for 400-800 steps
     # even with neighbours that hold the text (docs/experiments.md, tools/retro/oracle_neighbors.py).
     cca_gate_init: float = 0.1
-    # Let the retrieval path (encoder input and embedding skip) train the token embedding it reads
-    # the neighbours with (the decoder's, shared with the head when tied), as the paper does.
-    # False embeds them with it detached: where the neighbours hold little (the stdlib, random
-    # ones) RETRO then no longer trains above its GPT around iteration 150, but on the default
-    # corpus it reads its neighbours about half as well (docs/experiments.md).
-    neighbor_embedding_grad: bool = True
+    # Whether the retrieval path (encoder input and embedding skip) trains the token embedding it
+    # reads the neighbours with (the decoder's, shared with the head when tied), as the paper's
+    # does. Off by default: that per-token learning made RETRO train up to 0.03 above its GPT near
+    # iteration 150 wherever the neighbours hold little (the stdlib, random ones), and detached
+    # it reads real neighbours as well, within the run-to-run spread (docs/experiments.md).
+    neighbor_embedding_grad: bool = False
     # Read each neighbour's 2m tokens from where the chunk that retrieved it sits in it, rather than
     # from the DB's chunk boundary (megatron/retrieval/align.py): a copy then lines up with the text
     # it continues, which a small model learns to use; it did not learn to find it by content.
