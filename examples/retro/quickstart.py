@@ -24,7 +24,7 @@ interrupted quickstart resumes):
   7. pretrain_retro.py, evaluate.py      the same-size GPT on the same samples
   8. tools/plot_runs.py                  the learning curves: a table, and curves.png
 and prints the final evaluation table. Defaults are sized for a 2-core CPU (about 25 minutes;
---preset long about 35); --max-files 0 takes every file (the embedding step then takes longer).
+--preset long about 40); --max-files 0 takes every file (the embedding step then takes longer).
 """
 
 import argparse
