@@ -39,8 +39,8 @@ class RetroConfig:
     # Whether the retrieval path (encoder input and embedding skip) trains the token embedding it
     # reads the neighbours with (the decoder's, shared with the head when tied), as the paper's
     # does. Off by default: that per-token learning made RETRO train up to 0.03 above its GPT near
-    # iteration 150 wherever the neighbours hold little (the stdlib, random ones), and detached
-    # it reads real neighbours as well, within the run-to-run spread (docs/experiments.md).
+    # iteration 150 where its neighbours hold little (the stdlib), and detached it reads real
+    # neighbours as well, within the run-to-run spread (docs/experiments.md).
     neighbor_embedding_grad: bool = False
     # Read each neighbour's 2m tokens from where the chunk that retrieved it sits in it, rather than
     # from the DB's chunk boundary (megatron/retrieval/align.py): a copy then lines up with the text
