@@ -24,7 +24,8 @@ interrupted quickstart resumes):
   7. pretrain_retro.py, evaluate.py      the same-size GPT on the same samples
   8. tools/plot_runs.py                  the learning curves: a table, and curves.png
 and prints the final evaluation table. Defaults are sized for a 2-core CPU (about 25 minutes;
---preset long took 72 with other jobs on the CPU); --max-files 0 takes every file (the embedding step then takes longer).
+--preset long took 72 minutes with other jobs on the CPU); --max-files 0 takes every file (the
+embedding step then takes longer).
 """
 
 import argparse
@@ -81,12 +82,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workspace", default=os.path.join(REPO, "runs", "quickstart"))
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="long: 1,600 iterations on 560 files, evaluated every 400, with --adaptive (where retrieval pays "
-                        "0.1 nats or more; README)")
+                   help="long: 1,600 iterations on 560 files, evaluated every 400, with --adaptive (where "
+                        "retrieval pays 0.1 nats or more; README)")
     p.add_argument("--input", default="transformers",
                    help="directory of *.py files, or 'transformers' (the installed package's models/ source) or "
                         "'stdlib' (this Python's standard library)")
-    p.add_argument("--max-files", type=int, default=None, help="0: every file (default: 280 of transformers, else 300; --preset long: 560 of any corpus)")
+    p.add_argument("--max-files", type=int, default=None,
+                   help="0: every file (default: 280 of transformers, else 300; --preset long: 560 of any corpus)")
     p.add_argument("--db-max-files", type=int, default=0,
                    help="N > 0: the retrieval datastore is N other files of --input, sharing none with the "
                         "training and validation corpus (--retro-db-data-path); 0: the training split")
