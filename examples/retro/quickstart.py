@@ -112,6 +112,10 @@ def parse_args(argv=None):
                    help="train RETRO with the per-chunk gate and the Adaptive-RETRO card's budget loss and "
                         "retrieval dropout (ADAPTIVE_FLAGS): it reads its neighbours into a lower loss "
                         "(README, docs/experiments.md)")
+    p.add_argument("--retrieval-warmup-iters", type=int, default=None,
+                   help="RETRO trains its first N iterations with every neighbour masked "
+                        "(--retro-retrieval-warmup-iters; default: 100, at most an eighth of the run): "
+                        "neighbours read from step 0 slowed the decoder (docs/experiments.md)")
     p.add_argument("--split", default="95,5,0", help="train,valid,test documents (Megatron's --split)")
     p.add_argument("--workers", type=int, default=2)
     preset, _ = p.parse_known_args(argv)
@@ -119,6 +123,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.max_files is None:
         args.max_files = 280 if args.input == "transformers" else 300
+    if args.retrieval_warmup_iters is None:
+        args.retrieval_warmup_iters = min(100, args.train_iters // 8)
     return args
 
 
@@ -192,9 +198,10 @@ def main(argv=None):
 
 def retro_flags(args) -> list[str]:
     """What the RETRO run adds to the GPT's flags: the retriever, an encoder half the decoder's
-    width, and with --adaptive the card's gate, budget and retrieval dropout."""
+    width, the retrieval warm-up, and with --adaptive the card's gate, budget and retrieval dropout."""
     flags = ["--retro-add-retriever", "--retro-encoder-hidden-size", str(args.hidden_size // 2),
-             "--retro-encoder-attention-heads", str(max(1, args.num_attention_heads // 2))]
+             "--retro-encoder-attention-heads", str(max(1, args.num_attention_heads // 2)),
+             "--retro-retrieval-warmup-iters", str(args.retrieval_warmup_iters)]
     return flags + (ADAPTIVE_FLAGS if args.adaptive else [])
 
 

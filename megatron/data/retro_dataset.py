@@ -12,6 +12,10 @@ Retrieval modes (evaluation ablations and robustness training):
   ones (a chunk that had no saved neighbour keeps none).
 `no_retrieval_prob` / `random_retrieval_prob` switch a sample to "off" / "random" at random,
 seeded by (seed, sample index) so a resumed run sees the same choices.
+`warmup_samples` masks every neighbour of the first that many samples, whatever the mode mix:
+the training loader serves samples in index order, so the first N x global-batch samples are the
+first N iterations (a retrieval warm-up, which keeps the chunked cross-attention from slowing the
+decoder while its representations form: docs/experiments.md).
 """
 
 import numpy as np
@@ -23,11 +27,13 @@ class RetroDataset:
     def __init__(self, gpt_dataset, neighbor_ids: np.ndarray, chunk_db, num_neighbors: int,
                  chunk_length: int, seq_length: int, retrieval: str = "on",
                  no_retrieval_prob: float = 0.0, random_retrieval_prob: float = 0.0, seed: int = 0,
-                 name: str = "train", align_neighbors: bool = False):
+                 name: str = "train", align_neighbors: bool = False, warmup_samples: int = 0):
         if retrieval not in RETRIEVAL_MODES:
             raise ValueError(f"retrieval mode {retrieval!r} not in {RETRIEVAL_MODES}")
         if no_retrieval_prob + random_retrieval_prob > 1.0:
             raise ValueError("--retro-no-retrieval-prob + --retro-random-retrieval-prob exceeds 1")
+        if warmup_samples < 0:
+            raise ValueError(f"retrieval warm-up of {warmup_samples} samples is negative")
         num_chunks = -(-seq_length // chunk_length)
         if len(neighbor_ids) < len(gpt_dataset):
             raise ValueError(
@@ -52,11 +58,14 @@ class RetroDataset:
         self.seed = seed
         self.chunk_length, self.seq_length = chunk_length, seq_length
         self.align_neighbors = align_neighbors
+        self.warmup_samples = warmup_samples
 
     def __len__(self):
         return len(self.gpt_dataset)
 
     def sample_mode(self, idx: int) -> str:
+        if idx < self.warmup_samples:
+            return "off"
         if self.retrieval != "on" or (self.no_retrieval_prob == 0 and self.random_retrieval_prob == 0):
             return self.retrieval
         u = np.random.default_rng((self.seed, idx)).random()

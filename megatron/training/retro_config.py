@@ -19,6 +19,7 @@ class RetroTrainingConfig:
     budget_loss_coeff: float = 0.0
     no_retrieval_prob: float = 0.0
     random_retrieval_prob: float = 0.0
+    retrieval_warmup_iters: int = 0
     fit_from: str | None = None
 
 
@@ -70,6 +71,10 @@ def add_retro_args(parser):
                    help="per training sample, probability of dropping all neighbours")
     g.add_argument("--retro-random-retrieval-prob", type=float, default=0.0,
                    help="per training sample, probability of random DB chunks as neighbours")
+    g.add_argument("--retro-retrieval-warmup-iters", type=int, default=0,
+                   help="mask every neighbour for this many training iterations at the start, so the "
+                        "chunked cross-attention cannot slow the decoder while it forms (the quickstart "
+                        "uses 100; docs/experiments.md)")
     g.add_argument("--retro-fit-from", default=None,
                    help="RETRO-fitting: load this GPT checkpoint, freeze it, train encoder, CCA and gates")
     return parser
@@ -82,6 +87,8 @@ def retro_config_from_args(args) -> dict:
         raise SystemExit("error: --retro-budget-loss-coeff needs --retro-attention-gate")
     if args.retro_fit_from and not args.retro_add_retriever:
         raise SystemExit("error: --retro-fit-from needs --retro-add-retriever (it trains a RETRO around the GPT)")
+    if args.retro_retrieval_warmup_iters < 0:
+        raise SystemExit(f"error: --retro-retrieval-warmup-iters {args.retro_retrieval_warmup_iters} is negative")
     wd_cfg = load_workdir_config(args.retro_work_dir)
     model = RetroConfig(
         chunk_length=wd_cfg["chunk_length"], num_neighbors=args.retro_num_neighbors,
@@ -99,4 +106,5 @@ def retro_config_from_args(args) -> dict:
     return {"retro": RetroTrainingConfig(
         add_retriever=args.retro_add_retriever, work_dir=os.path.abspath(args.retro_work_dir), model=model,
         budget_loss_coeff=args.retro_budget_loss_coeff, no_retrieval_prob=args.retro_no_retrieval_prob,
-        random_retrieval_prob=args.retro_random_retrieval_prob, fit_from=args.retro_fit_from)}
+        random_retrieval_prob=args.retro_random_retrieval_prob,
+        retrieval_warmup_iters=args.retro_retrieval_warmup_iters, fit_from=args.retro_fit_from)}

@@ -46,21 +46,24 @@ def prepare(cfg: Config) -> dict:
 def datasets(cfg: Config, num_samples, retrieval: str = "on", training: bool = True):
     """(train, valid, test) for this run: GPT samples, with neighbours when RETRO trains.
     `retrieval` applies to validation (evaluation ablations); training samples use the
-    --retro-no/random-retrieval-prob mix."""
+    --retro-no/random-retrieval-prob mix, after --retro-retrieval-warmup-iters with none."""
     retro = cfg.retro
     train, valid, test = build_gpt_datasets(cfg.data, cfg.model.seq_length, num_samples, cfg.training.seed)
     if not retro.add_retriever:
         return train, valid, test
     db = ChunkDB(retro.work_dir)
 
-    def wrap(ds, split, mode, no_p=0.0, random_p=0.0):
+    def wrap(ds, split, mode, no_p=0.0, random_p=0.0, warmup_samples=0):
         if ds is None:
             return None
         return RetroDataset(ds, load_neighbors(retro.work_dir, split), db, retro.model.num_neighbors,
                             retro.model.chunk_length, cfg.model.seq_length, retrieval=mode,
                             no_retrieval_prob=no_p, random_retrieval_prob=random_p,
-                            seed=cfg.training.seed, name=split, align_neighbors=retro.model.align_neighbors)
+                            seed=cfg.training.seed, name=split, align_neighbors=retro.model.align_neighbors,
+                            warmup_samples=warmup_samples)
 
-    train = wrap(train, "train", "on", retro.no_retrieval_prob, retro.random_retrieval_prob) if training else None
+    warmup_samples = retro.retrieval_warmup_iters * cfg.training.global_batch_size
+    train = wrap(train, "train", "on", retro.no_retrieval_prob, retro.random_retrieval_prob,
+                 warmup_samples) if training else None
     return train, wrap(valid, "valid", retrieval), None
 

@@ -29,7 +29,7 @@ def run_tool(capsys, work_dir, *args) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def training_dataset(workspace, work_dir, split: str, align: bool = True):
+def training_dataset(workspace, work_dir, split: str, align: bool = True, warmup_iters: int = 0):
     """The split's RetroDataset as pretrain_retro.py builds it for the fixture's work dir."""
     from megatron.data.config import DataConfig
     from megatron.models.retro.config import RetroConfig
@@ -44,10 +44,20 @@ def training_dataset(workspace, work_dir, split: str, align: bool = True):
                  training=TrainingConfig(global_batch_size=2, train_iters=4, eval_interval=4, eval_iters=1))
     cfg.retro = retro_config.RetroTrainingConfig(add_retriever=True, work_dir=str(work_dir),
                                                    model=RetroConfig(chunk_length=M, num_neighbors=2,
-                                                                     align_neighbors=align))
+                                                                     align_neighbors=align),
+                                                   retrieval_warmup_iters=warmup_iters)
     retro_data.prepare(cfg)
     train, valid = retro_data.datasets(cfg, sample_counts(cfg))[:2]
     return {"train": train, "valid": valid}[split]
+
+
+def test_the_retrieval_warmup_masks_the_first_iterations_global_batches(workspace):
+    """--retro-retrieval-warmup-iters counts iterations: the fixture's global batch is 2 samples."""
+    plain = training_dataset(workspace, workspace["work_dir"], "train")
+    warm = training_dataset(workspace, workspace["work_dir"], "train", warmup_iters=1)
+    assert plain[0]["neighbor_mask"].any() and plain[1]["neighbor_mask"].any()
+    assert not warm[0]["neighbor_mask"].any() and not warm[1]["neighbor_mask"].any()
+    assert np.array_equal(warm[2]["neighbor_mask"], plain[2]["neighbor_mask"])
 
 
 def text_of(tokenizer, tokens, eod) -> str:

@@ -34,3 +34,15 @@ def test_adaptive_adds_the_cards_gate_budget_and_retrieval_dropout_to_the_retro_
     parsed = build_parser(add_retro_args).parse_args(["--retro-work-dir", "unused", *adaptive])
     assert parsed.retro_attention_gate and parsed.retro_budget_loss_coeff == 0.001
     assert parsed.retro_no_retrieval_prob == parsed.retro_random_retrieval_prob == 0.1
+
+
+def test_the_retro_run_masks_its_neighbours_for_the_first_100_iterations_or_an_eighth_of_a_short_run():
+    from megatron.training.arguments import build_parser
+    from megatron.training.retro_config import add_retro_args
+
+    parse = build_parser(add_retro_args).parse_args
+    for argv, warmup in (([], 100), (["--preset", "long"], 100), (["--train-iters", "12"], 1),
+                         (["--retrieval-warmup-iters", "0"], 0)):
+        flags = qs.retro_flags(qs.parse_args(argv))
+        assert parse(["--retro-work-dir", "unused", *flags]).retro_retrieval_warmup_iters == warmup
+    assert parse(["--retro-work-dir", "unused"]).retro_retrieval_warmup_iters == 0  # the library's default

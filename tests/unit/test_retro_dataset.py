@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from megatron.data.loader import PretrainingSampler
 from megatron.data.retro_dataset import RetroDataset
 
 M, K, SEQ, EOD = 4, 2, 10, 0
@@ -80,6 +81,25 @@ def test_training_probabilities_are_realised_in_proportion():
     assert modes.count("random") / len(modes) == pytest.approx(0.3, abs=0.025)
     off = next(i for i, m in enumerate(modes) if m == "off")
     assert not ds[off]["neighbor_mask"].any()
+
+
+def test_warmup_masks_exactly_the_first_iterations_batches_on_every_rank_and_after_resume():
+    gbs, micro, warmup_iters = 4, 2, 3
+    plain, _ = make(n=40, no_retrieval_prob=0.2, random_retrieval_prob=0.5)
+    warm, _ = make(n=40, no_retrieval_prob=0.2, random_retrieval_prob=0.5, warmup_samples=warmup_iters * gbs)
+    for consumed in (0, 2 * gbs):  # from the start, and resumed after two iterations
+        for rank in range(gbs // micro):
+            batches = list(PretrainingSampler(len(warm), consumed, micro, rank, gbs // micro))
+            for step, batch in enumerate(batches, start=consumed // gbs):
+                for idx in batch:
+                    if step < warmup_iters:
+                        assert warm.sample_mode(idx) == "off" and not warm[idx]["neighbor_mask"].any()
+                    else:  # afterwards the same mix, sample for sample, as without a warm-up
+                        assert warm.sample_mode(idx) == plain.sample_mode(idx)
+                        assert np.array_equal(warm[idx]["neighbor_tokens"], plain[idx]["neighbor_tokens"])
+    assert {plain.sample_mode(i) for i in range(warmup_iters * gbs)} != {"off"}  # the mask is the warm-up's
+    with pytest.raises(ValueError, match="negative"):
+        make(warmup_samples=-1)
 
 
 def test_too_few_saved_samples_is_a_clear_error():
