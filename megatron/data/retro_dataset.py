@@ -33,7 +33,7 @@ class RetroDataset:
         if no_retrieval_prob + random_retrieval_prob > 1.0:
             raise ValueError("--retro-no-retrieval-prob + --retro-random-retrieval-prob exceeds 1")
         if warmup_samples < 0:
-            raise ValueError(f"retrieval warm-up of {warmup_samples} samples is negative")
+            raise ValueError(f"--retro-retrieval-warmup-iters gives a negative warm-up of {warmup_samples} samples")
         num_chunks = -(-seq_length // chunk_length)
         if len(neighbor_ids) < len(gpt_dataset):
             raise ValueError(

@@ -87,8 +87,6 @@ def retro_config_from_args(args) -> dict:
         raise SystemExit("error: --retro-budget-loss-coeff needs --retro-attention-gate")
     if args.retro_fit_from and not args.retro_add_retriever:
         raise SystemExit("error: --retro-fit-from needs --retro-add-retriever (it trains a RETRO around the GPT)")
-    if args.retro_retrieval_warmup_iters < 0:
-        raise SystemExit(f"error: --retro-retrieval-warmup-iters {args.retro_retrieval_warmup_iters} is negative")
     wd_cfg = load_workdir_config(args.retro_work_dir)
     model = RetroConfig(
         chunk_length=wd_cfg["chunk_length"], num_neighbors=args.retro_num_neighbors,
