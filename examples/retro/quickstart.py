@@ -1,8 +1,8 @@
 """The whole RETRO pipeline on real source code, on one machine.
 
     python examples/retro/quickstart.py [--workspace runs/quickstart]    # transformers' model files
-    python examples/retro/quickstart.py --preset long                      # 1,600 steps, 560 files, --adaptive
-    python examples/retro/quickstart.py --adaptive                         # the per-chunk gate, card's flags
+    python examples/retro/quickstart.py --preset long                      # 1,600 steps, 560 files
+    python examples/retro/quickstart.py --no-adaptive                      # no gate, no retrieval dropout
     python examples/retro/quickstart.py --input stdlib                     # the Python standard library
     python examples/retro/quickstart.py --input DIR --max-files 300 --db-max-files 600
 
@@ -41,7 +41,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Flags a --preset changes; any of them given explicitly still wins.
 # long: 560 files, so that 1,600 steps are about one pass and the GPT cannot close the gap by
 # memorising the split (280 files: GPT - on fell to 0.0996 by step 1,600; docs/experiments.md).
-PRESETS = {"default": {}, "long": {"train_iters": 1600, "curve_interval": 400, "adaptive": True, "max_files": 560}}
+PRESETS = {"default": {}, "long": {"train_iters": 1600, "curve_interval": 400, "max_files": 560}}
+CORPUS_SEED = 1234  # the corpus's draw of files; the datastore of --db-max-files draws with another
 # --adaptive: the Adaptive-RETRO card's gate, budget and retrieval dropout.
 ADAPTIVE_FLAGS = ["--retro-attention-gate", "--retro-budget-loss-coeff", "0.001", "--retro-no-retrieval-prob", "0.1",
                   "--retro-random-retrieval-prob", "0.1"]
@@ -54,6 +55,20 @@ def corpus_dir(name: str) -> str | None:
         import transformers
         return os.path.join(os.path.dirname(transformers.__file__), "models")
     return None if name == "stdlib" else name
+
+
+def corpus_description(args) -> str:
+    """What the corpus was drawn from, with the version it depends on: another `transformers`
+    release draws other files, and the README's figures move with it."""
+    files = f"{args.max_files} files" if args.max_files else "every file"
+    if args.input == "transformers":
+        import transformers
+        source = f"transformers {transformers.__version__} models/ source"
+    elif args.input == "stdlib":
+        source = f"the Python {sys.version.split()[0]} standard library"
+    else:
+        source = args.input
+    return f"{files} of {source}, drawn with seed {CORPUS_SEED}"
 
 
 def run(cmd: list[str], done_marker: str | None = None, log: str | None = None):
@@ -82,8 +97,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workspace", default=os.path.join(REPO, "runs", "quickstart"))
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="long: 1,600 iterations on 560 files, evaluated every 400, with --adaptive (where "
-                        "retrieval pays 0.1 nats or more; README)")
+                   help="long: 1,600 iterations on 560 files, evaluated every 400 (where retrieval pays 0.1 "
+                        "nats or more; README)")
     p.add_argument("--input", default="transformers",
                    help="directory of *.py files, or 'transformers' (the installed package's models/ source) or "
                         "'stdlib' (this Python's standard library)")
@@ -108,10 +123,10 @@ def parse_args(argv=None):
     p.add_argument("--curve-interval", type=int, default=200,
                    help="save and evaluate (on / off / random) every N iterations for the learning curves; "
                         "0: the last iteration only")
-    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                    help="train RETRO with the per-chunk gate and the Adaptive-RETRO card's budget loss and "
-                        "retrieval dropout (ADAPTIVE_FLAGS): it reads its neighbours into a lower loss "
-                        "(README, docs/experiments.md)")
+                        "retrieval dropout (ADAPTIVE_FLAGS): it reads real neighbours into a lower loss and "
+                        "shuts where they hold nothing (README, docs/experiments.md); --no-adaptive: neither")
     p.add_argument("--retrieval-warmup-iters", type=int, default=None,
                    help="RETRO trains its first N iterations with every neighbour masked "
                         "(--retro-retrieval-warmup-iters; default: 100, at most an eighth of the run): "
@@ -131,6 +146,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     input_dir = corpus_dir(args.input)
+    print(f"[quickstart] corpus: {corpus_description(args)}", flush=True)
 
     ws = os.path.abspath(args.workspace)
     os.makedirs(ws, exist_ok=True)
@@ -147,7 +163,7 @@ def main(argv=None):
 
     # Shuffled: --split takes the last documents for validation, which in path order would be
     # one package's near-identical files.
-    corpus_cmd = [py, "tools/corpus_from_files.py", "--output", corpus, "--shuffle-seed", "1234"]
+    corpus_cmd = [py, "tools/corpus_from_files.py", "--output", corpus, "--shuffle-seed", str(CORPUS_SEED)]
     if input_dir:
         corpus_cmd += ["--input", input_dir]
     if args.max_files:
@@ -192,7 +208,7 @@ def main(argv=None):
         with open(out) as f:
             results[name] = json.load(f)
 
-    print_table(results)
+    print_table(results, corpus_description(args))
     plot_curves(ws, curves)
 
 
@@ -220,12 +236,12 @@ def plot_curves(ws: str, curves: dict):
     print(f"curves: {figure}" if figure else "curves: pip install -e .[plot] to draw them as a PNG")
 
 
-def print_table(results: dict):
+def print_table(results: dict, corpus: str):
     retro, gpt = results["retro"], results["gpt"]
     rows = [("RETRO, retrieval on", retro["retrieval_on"]), ("RETRO, retrieval off", retro["retrieval_off"]),
             ("RETRO, random neighbours", retro["random_retrieval"]), ("GPT (same size, same samples)",
                                                                      gpt["retrieval_off"])]
-    print(f"\nvalidation after {retro['step']} iterations ({retro['num_samples']} samples):")
+    print(f"\nvalidation after {retro['step']} iterations ({retro['num_samples']} samples; {corpus}):")
     print(f"  {'model':<32} {'lm loss':>8} {'ppl':>9}")
     for name, r in rows:
         print(f"  {name:<32} {r['lm_loss']:>8.4f} {r['ppl']:>9.2f}")

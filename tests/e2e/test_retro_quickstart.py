@@ -39,6 +39,7 @@ def _pretrain_args(ws, *extra) -> list[str]:
 def test_quickstart_on_a_stdlib_subset_writes_the_evaluation_json(tmp_path, quickstart):
     ws, cmd, proc = quickstart
     assert "RETRO, retrieval on" in proc.stdout
+    assert "samples; 12 files of the Python" in proc.stdout  # the table names its corpus
 
     retro = json.loads((ws / "evals" / "retro" / "iter_0000012.json").read_text())
     assert retro["step"] == 12 and retro["model"] == "retro"
