@@ -15,6 +15,8 @@ retrieval has little to give.
 Steps (each a command a user could run by hand; each is skipped when its output exists, so an
 interrupted quickstart resumes):
   1. tools/corpus_from_files.py          a seeded random sample of the *.py files -> corpus.jsonl
+     tools/corpus_overlap.py             how much of the validation text the training files hold
+                                         (what retrieval can give; printed, never skipped)
   2. tools/train_tokenizer.py            byte-level BPE -> tokenizer/tokenizer.json
   3. tools/preprocess_data.py            -> data/corpus_text_document.bin/.idx
      (with --db-max-files, 1 and 3 again for a datastore of other files of --input)
@@ -169,6 +171,7 @@ def main(argv=None):
     if args.max_files:
         corpus_cmd += ["--max-files", str(args.max_files)]
     run(corpus_cmd, corpus)
+    run([py, "tools/corpus_overlap.py", "--corpus", corpus, "--split", args.split])
     run([py, "tools/train_tokenizer.py", "--input", corpus, "--vocab-size", str(args.vocab_size),
          "--output", tokenizer_dir], os.path.join(tokenizer_dir, "tokenizer.json"))
     run([py, "tools/preprocess_data.py", "--input", corpus, "--output-prefix", prefix, "--json-keys", "text",

@@ -40,6 +40,7 @@ def test_quickstart_on_a_stdlib_subset_writes_the_evaluation_json(tmp_path, quic
     ws, cmd, proc = quickstart
     assert "RETRO, retrieval on" in proc.stdout
     assert "samples; 12 files of the Python" in proc.stdout  # the table names its corpus
+    assert "3 validation documents, 9 training;" in proc.stdout  # tools/corpus_overlap.py, --split 75,25,0
 
     retro = json.loads((ws / "evals" / "retro" / "iter_0000012.json").read_text())
     assert retro["step"] == 12 and retro["model"] == "retro"
