@@ -148,7 +148,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     input_dir = corpus_dir(args.input)
-    print(f"[quickstart] corpus: {corpus_description(args)}", flush=True)
+    corpus_name = corpus_description(args)
+    print(f"[quickstart] corpus: {corpus_name}", flush=True)
 
     ws = os.path.abspath(args.workspace)
     os.makedirs(ws, exist_ok=True)
@@ -211,7 +212,7 @@ def main(argv=None):
         with open(out) as f:
             results[name] = json.load(f)
 
-    print_table(results, corpus_description(args))
+    print_table(results, corpus_name)
     plot_curves(ws, curves)
 
 
