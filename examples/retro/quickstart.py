@@ -15,7 +15,8 @@ has little to give.
 
 Steps (each a command a user could run by hand; each is skipped when its output exists, so an
 interrupted quickstart resumes):
-  1. tools/corpus_from_files.py          a seeded random sample of the *.py files -> corpus.jsonl
+  1. tools/corpus_from_files.py          a seeded random sample of the *.py files (of transformers'
+                                         model directories, taken whole) -> corpus.jsonl
      tools/corpus_overlap.py             how much of the validation text the training files hold
                                          (what retrieval can give; printed, never skipped)
   2. tools/train_tokenizer.py            byte-level BPE -> tokenizer/tokenizer.json
@@ -70,7 +71,8 @@ def corpus_description(args) -> str:
         source = f"the Python {sys.version.split()[0]} standard library"
     else:
         source = args.input
-    return f"{files} of {source}, drawn with seed {CORPUS_SEED}"
+    unit = "whole directories" if args.whole_directories else "files"
+    return f"{files} of {source}, {unit} drawn with seed {CORPUS_SEED}"
 
 
 def run(cmd: list[str], done_marker: str | None = None, log: str | None = None):
@@ -106,6 +108,10 @@ def parse_args(argv=None):
                         "'stdlib' (this Python's standard library)")
     p.add_argument("--max-files", type=int, default=None,
                    help="0: every file (default: 280 of transformers, else 300; --preset long: 560 of any corpus)")
+    p.add_argument("--whole-directories", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw the top-level directories of --input whole, as a code corpus holds whole "
+                        "repositories (default: on for transformers, one directory per model; off otherwise: "
+                        "the stdlib's would be its test suite)")
     p.add_argument("--db-max-files", type=int, default=0,
                    help="N > 0: the retrieval datastore is N other files of --input, sharing none with the "
                         "training and validation corpus (--retro-db-data-path); 0: the training split")
@@ -140,6 +146,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.max_files is None:
         args.max_files = 280 if args.input == "transformers" else 300
+    if args.whole_directories is None:
+        args.whole_directories = args.input == "transformers"
     if args.retrieval_warmup_iters is None:
         args.retrieval_warmup_iters = min(100, args.train_iters // 8)
     return args
@@ -171,6 +179,8 @@ def main(argv=None):
         corpus_cmd += ["--input", input_dir]
     if args.max_files:
         corpus_cmd += ["--max-files", str(args.max_files)]
+    if args.whole_directories:
+        corpus_cmd.append("--whole-directories")
     run(corpus_cmd, corpus)
     run([py, "tools/corpus_overlap.py", "--corpus", corpus, "--split", args.split])
     run([py, "tools/train_tokenizer.py", "--input", corpus, "--vocab-size", str(args.vocab_size),

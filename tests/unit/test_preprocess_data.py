@@ -1,5 +1,6 @@
 """tools/preprocess_data.py (run as a subprocess, as users run it) and tools/corpus_from_files.py."""
 
+import collections
 import json
 import os
 import subprocess
@@ -190,6 +191,42 @@ def test_shuffled_corpus_is_a_seeded_sample_of_the_whole_tree(tmp_path):
     assert len(set(ids(a))) == len(ids(a)) > 190  # a few stdlib test files are not UTF-8: skipped
     # Drawn from across the tree, not the first 200 ids (which end around "encodings/").
     assert max(ids(a)) > everything[len(everything) // 2] > min(ids(a))
+
+
+def test_whole_directories_draws_each_top_level_directory_whole(tmp_path, capsys):
+    """--whole-directories: every drawn directory but the last comes with all its files (a file's
+    siblings sit in the corpus with it), in a seeded order that still mixes directories."""
+    def ids(path):
+        return [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+    tree = tmp_path / "tree"
+    sizes = {f"model_{d}": 4 for d in range(8)}
+    for directory, count in sizes.items():
+        (tree / directory / "sub").mkdir(parents=True)
+        for i in range(count - 1):
+            (tree / directory / f"f{i}.py").write_text(f"# {directory} {i}\n", encoding="utf-8")
+        (tree / directory / "sub" / "deep.py").write_text("x = 1\n", encoding="utf-8")
+    (tree / "top.py").write_text("y = 2\n", encoding="utf-8")
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    args = ["--input", str(tree), "--whole-directories", "--max-files", "10", "--shuffle-seed", "3"]
+    assert corpus_main(args + ["--output", str(a)]) == 0
+    assert corpus_main(args + ["--output", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes() and len(ids(a)) == 10
+    per_directory = collections.Counter(doc_id.split("/")[0] for doc_id in ids(a))
+    # 10 files: two whole directories of 4 and 2 files of a third (or the lone top-level file).
+    assert sorted(per_directory.values())[-2:] == [4, 4] and len(per_directory) <= 4
+    # Written shuffled, not directory by directory.
+    runs = sum(1 for x, y in zip(ids(a), ids(a)[1:]) if x.split("/")[0] != y.split("/")[0])
+    assert runs > len(per_directory)
+
+    # A random draw of the same size scatters over more directories.
+    assert corpus_main(["--input", str(tree), "--max-files", "10", "--shuffle-seed", "3", "--output", str(b)]) == 0
+    assert len({doc_id.split("/")[0] for doc_id in ids(b)}) > len(per_directory)
+
+    with pytest.raises(SystemExit):
+        corpus_main(["--input", str(tree), "--whole-directories", "--output", str(b)])
+    assert "--whole-directories needs --shuffle-seed" in capsys.readouterr().err
 
 
 def test_exclude_corpus_writes_a_datastore_disjoint_from_the_training_corpus(tmp_path, capsys):

@@ -15,6 +15,9 @@ def test_the_default_corpus_is_transformers_model_files_and_the_stdlib_an_option
     assert stdlib.max_files == 300 and qs.corpus_dir("stdlib") is None  # corpus_from_files's default
     assert qs.corpus_dir("/some/dir") == "/some/dir"
     assert qs.parse_args(["--max-files", "12"]).max_files == 12
+    # transformers' models/ holds a directory per model, drawn whole; the stdlib's files one by one.
+    assert args.whole_directories and not stdlib.whole_directories
+    assert not qs.parse_args(["--no-whole-directories"]).whole_directories
 
 
 def test_the_long_preset_changes_the_schedule_unless_a_flag_says_otherwise():
@@ -52,8 +55,8 @@ def test_the_retro_run_masks_its_neighbours_for_the_first_100_iterations_or_an_e
 def test_the_corpus_is_named_with_the_version_it_was_drawn_from():
     import transformers
     assert qs.corpus_description(qs.parse_args([])) == \
-        f"280 files of transformers {transformers.__version__} models/ source, drawn with seed 1234"
+        f"280 files of transformers {transformers.__version__} models/ source, whole directories drawn with seed 1234"
     import platform
     stdlib = qs.corpus_description(qs.parse_args(["--input", "stdlib", "--max-files", "0"]))
-    assert stdlib == f"every file of the Python {platform.python_version()} standard library, drawn with seed 1234"
+    assert stdlib == f"every file of the Python {platform.python_version()} standard library, files drawn with seed 1234"
     assert qs.corpus_description(qs.parse_args(["--input", "/data/src"])).startswith("300 files of /data/src")
