@@ -7,7 +7,7 @@ from examples.retro import quickstart as qs
 
 def test_the_default_corpus_is_transformers_model_files_and_the_stdlib_an_option():
     args = qs.parse_args([])
-    assert (args.input, args.max_files, args.train_iters, args.curve_interval) == ("transformers", 280, 800, 200)
+    assert (args.input, args.max_files, args.train_iters, args.curve_interval) == ("transformers", 280, 1200, 200)
     import transformers
     assert qs.corpus_dir("transformers") == os.path.join(os.path.dirname(transformers.__file__), "models")
     assert os.path.isdir(qs.corpus_dir("transformers"))
