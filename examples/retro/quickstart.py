@@ -10,8 +10,8 @@ The default corpus is the installed `transformers` package's models/ source: mod
 generated from shared templates, so they repeat each other the way GitHub code does (RETRO's
 largest gain in the paper), and the retriever finds those repeats. The stdlib repeats itself
 little (its default draw's validation files share 0.8% of their word 13-grams with its training
-files, against 37-62% for the `transformers` draws; tools/corpus_overlap.py), so there retrieval
-has little to give.
+files, against 64% for the default `transformers` draw of whole model directories;
+tools/corpus_overlap.py), so there retrieval has little to give.
 
 Steps (each a command a user could run by hand; each is skipped when its output exists, so an
 interrupted quickstart resumes):
