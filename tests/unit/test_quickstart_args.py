@@ -23,6 +23,7 @@ def test_the_default_corpus_is_transformers_model_files_and_the_stdlib_an_option
 def test_the_long_preset_changes_the_schedule_unless_a_flag_says_otherwise():
     long = qs.parse_args(["--preset", "long"])
     assert (long.train_iters, long.curve_interval, long.global_batch_size, long.max_files) == (1600, 400, 4, 560)
+    assert not long.whole_directories and qs.parse_args(["--preset", "long", "--whole-directories"]).whole_directories
     assert long.adaptive and qs.parse_args([]).adaptive
     assert not qs.parse_args(["--preset", "long", "--no-adaptive"]).adaptive
     explicit = qs.parse_args(["--train-iters", "10", "--preset", "long"])
