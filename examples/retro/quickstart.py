@@ -27,7 +27,7 @@ interrupted quickstart resumes):
   6. tools/retro/evaluate.py --ckpt-step retrieval on / off / random at each saved step
   7. pretrain_retro.py, evaluate.py      the same-size GPT on the same samples
   8. tools/plot_runs.py                  the learning curves: a table, and curves.png
-and prints the final evaluation table. Defaults are sized for a 2-core CPU (about 25 minutes;
+and prints the final evaluation table. Defaults are sized for a 2-core CPU (25-27 minutes;
 --preset long 47); --max-files 0 takes every file (the embedding step then takes longer).
 """
 
