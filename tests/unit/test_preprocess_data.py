@@ -200,10 +200,9 @@ def test_whole_directories_draws_each_top_level_directory_whole(tmp_path, capsys
         return [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines()]
 
     tree = tmp_path / "tree"
-    sizes = {f"model_{d}": 4 for d in range(8)}
-    for directory, count in sizes.items():
+    for directory in (f"model_{d}" for d in range(8)):  # 4 files each, one of them a level deeper
         (tree / directory / "sub").mkdir(parents=True)
-        for i in range(count - 1):
+        for i in range(3):
             (tree / directory / f"f{i}.py").write_text(f"# {directory} {i}\n", encoding="utf-8")
         (tree / directory / "sub" / "deep.py").write_text("x = 1\n", encoding="utf-8")
     (tree / "top.py").write_text("y = 2\n", encoding="utf-8")
