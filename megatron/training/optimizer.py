@@ -29,17 +29,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
-    """AdamW; the fused kernel when every parameter is on CUDA, the multi-tensor one otherwise.
+    """AdamW with torch's fused kernel (on CPU and CUDA), one pass over each parameter's state.
 
+    On a CPU the multi-tensor kernel it replaced ran its six element-wise ops per tensor one after
+    another, each a pass over memory: 59-150 ms a step for 21M parameters on 2 cores, 11 ms fused
+    (docs/profile.md). The two differ by rounding only (2e-7 on weights of unit scale after 20
+    steps). Parameters on other devices keep torch's default.
     The learning rate set here is replaced by the scheduler before the first step.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
-        fused=True if on_cuda else None,
-        foreach=None if on_cuda else True,
+        fused=True if fused else None,
     )

@@ -91,8 +91,29 @@ def test_weight_decay_is_decoupled_and_skips_exempt_parameters():
     after = dict(model.named_parameters())
     assert torch.allclose(after["layers.0.mlp.w1.weight"], before["layers.0.mlp.w1.weight"] * (1 - 0.1 * 0.5))
     assert torch.equal(after["norm.weight"], before["norm.weight"])
-    assert opt.defaults["foreach"] and not opt.defaults["fused"]  # CPU: multi-tensor, not fused
+    assert opt.defaults["fused"]  # on CPU too: one pass over each tensor's state
     assert math.isclose(opt.param_groups[0]["betas"][1], 0.95)
+
+
+def test_the_fused_step_follows_torch_single_tensor_adamw_to_rounding():
+    torch.manual_seed(0)
+    fused_model = _tiny_gpt()
+    reference_model = _tiny_gpt()
+    reference_model.load_state_dict(fused_model.state_dict())
+    start = {n: p.detach().clone() for n, p in fused_model.named_parameters()}
+    cfg = TrainingConfig(lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(fused_model, cfg)
+    reference = torch.optim.AdamW(param_groups(reference_model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, foreach=False)
+    for _ in range(10):
+        for a, b in zip(fused_model.parameters(), reference_model.parameters()):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fused.step()
+        reference.step()
+    for (name, a), b in zip(fused_model.named_parameters(), reference_model.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), name
+        assert (a - start[name]).abs().max() > 1e-2, name  # ten steps of lr 1e-2 moved every weight
 
 
 def test_a_model_with_every_parameter_frozen_still_gets_an_optimizer():
