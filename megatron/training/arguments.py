@@ -123,6 +123,10 @@ def _add_training_args(parser):
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=d("recompute_granularity"))
     g.add_argument("--recompute-activations", action="store_true",
                    help="Megatron's shorthand for --recompute-granularity selective")
+    g.add_argument("--keep-freed-host-memory", action=argparse.BooleanOptionalAction,
+                   default=d("keep_freed_host_memory"),
+                   help="training on a CPU: glibc keeps freed memory for reuse instead of faulting it in "
+                        "again every step (resident memory then stays at its peak)")
 
 
 def _add_logging_args(parser):

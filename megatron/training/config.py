@@ -38,6 +38,7 @@ class TrainingConfig:
     exit_interval: int | None = None
     use_torch_compile: bool = False
     recompute_granularity: str | None = None  # None | "full" | "selective"
+    keep_freed_host_memory: bool = True  # on a CPU: glibc keeps freed blocks for the next step (host_memory.py)
 
 
 @dataclass

@@ -48,6 +48,7 @@ from megatron.parallel.layout import DistEnv, Parallelized, resolve_batch_sizes
 from megatron.training.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron.training.config import Config
 from megatron.training.flops import mfu_peak
+from megatron.training.host_memory import keep_freed_host_memory
 from megatron.training.initialize import initialize_distributed, pipeline_rank, set_random_seed
 from megatron.training.logging import Writers, build_writers, format_train_line, format_validation_line
 from megatron.training.lr_schedule import LRScheduler
@@ -176,6 +177,8 @@ class Trainer:
         self.cfg, self.forward_step = cfg, forward_step
         self.loss_fn, self.budget_loss_fn = loss_fn, budget_loss_fn
         self.env = env or initialize_distributed(cfg.parallel)
+        if self.env.device.type == "cpu" and cfg.training.keep_freed_host_memory:
+            keep_freed_host_memory()
         self.flops_per_token = gpt_flops_per_token(cfg.model) if flops_per_token is None else flops_per_token
         model = self._build_model(model_provider, post_init_fn)
         num_params = sum(p.numel() for p in model.parameters())
