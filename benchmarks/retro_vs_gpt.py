@@ -211,6 +211,10 @@ def peer_worker(request: dict):
 
     size = Size(**dict(request["size"], retro_layers=tuple(request["size"]["retro_layers"])))
     torch.set_num_threads(request["threads"])
+    if request["like_ours"]:
+        sys.path.insert(0, REPO)  # the peer venv does not install this project; the module is stdlib-only
+        from megatron.training.host_memory import keep_freed_host_memory
+        keep_freed_host_memory()
     torch.manual_seed(0)
     model = RETRO(
         num_tokens=size.vocab_size, max_seq_len=size.seq_length,
@@ -219,7 +223,9 @@ def peer_worker(request: dict):
         dec_dim=size.hidden_size, dec_depth=size.num_layers, dec_cross_attn_layers=size.retro_layers,
         heads=size.heads, dim_head=size.hidden_size // size.heads, chunk_size=size.chunk_length)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # As a user of the package would write it (torch's default AdamW: a for-loop over tensors on
+    # CPU), or with --peer-like-ours the fused kernel of our trainer.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if request["like_ours"] else None)
     b, s, m = size.micro_batch_size, size.seq_length, size.chunk_length
     gen = torch.Generator().manual_seed(1)
     seq = torch.randint(1, size.vocab_size, (b, s + 1), generator=gen)
@@ -244,8 +250,8 @@ def peer_worker(request: dict):
 class Peer:
     """A retro-pytorch worker subprocess for one size: build once, time on request."""
 
-    def __init__(self, python: str, size: Size, threads: int):
-        request = {"size": dataclasses.asdict(size), "threads": threads}
+    def __init__(self, python: str, size: Size, threads: int, like_ours: bool):
+        request = {"size": dataclasses.asdict(size), "threads": threads, "like_ours": like_ours}
         self.proc = subprocess.Popen([python, os.path.abspath(__file__), "--peer-worker", json.dumps(request)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         answer = self._answer()
@@ -378,12 +384,13 @@ def model_forward(model, batch: dict):
 
 
 def training_step(model, batch: dict):
-    """A warmed-up step function: forward, LM loss, backward, AdamW (as the retro-pytorch worker's)."""
-    import torch
-
+    """A warmed-up step function: forward, LM loss, backward, and the trainer's AdamW
+    (megatron.training.optimizer.build_optimizer: fused, Megatron's weight-decay groups)."""
     from megatron.models.loss import lm_loss
+    from megatron.training.config import TrainingConfig
+    from megatron.training.optimizer import build_optimizer
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = build_optimizer(model, TrainingConfig(lr=1e-4))
 
     def step():
         lm_loss(model_forward(model, batch), batch["text"][:, 1:]).backward()
@@ -404,7 +411,7 @@ class Contenders:
     counted: dict[str, float]
 
 
-def build_contenders(size: Size, peer_python: str | None, threads: int) -> Contenders:
+def build_contenders(size: Size, peer_python: str | None, threads: int, peer_like_ours: bool) -> Contenders:
     from megatron.models.gpt.flops import gpt_flops_per_token
     from megatron.models.gpt.model import count_parameters
     from megatron.models.retro.model import retro_flops_per_token
@@ -417,7 +424,7 @@ def build_contenders(size: Size, peer_python: str | None, threads: int) -> Conte
                    counted={"gpt": counted_flops_per_token(lambda: model_forward(gpt, batch), size.tokens),
                             "retro": counted_flops_per_token(lambda: model_forward(retro, batch), size.tokens)})
     if peer_python is not None:
-        peer = Peer(peer_python, size, threads)
+        peer = Peer(peer_python, size, threads, peer_like_ours)
         c.params["peer"], c.steps["peer"] = peer.params, peer
         c.flops["peer"], c.counted["peer"] = retro_pytorch_flops_per_token(size), peer.counted_flops_per_token
     return c
@@ -518,6 +525,12 @@ def main():
     p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON,
                    help="python of the venv holding retro-pytorch 0.3.9 (benchmarks/setup_peer_env.sh)")
     p.add_argument("--no-peer", action="store_true", help="skip part 2 (retro-pytorch)")
+    p.add_argument("--keep-freed-host-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="ours as the trainer runs on a CPU: glibc keeps freed memory for reuse "
+                        "(megatron/training/host_memory.py)")
+    p.add_argument("--peer-like-ours", action="store_true",
+                   help="retro-pytorch with our trainer's host-memory setting and fused AdamW too, so that "
+                        "the ratio compares the models' code alone (default: as a user of the package runs it)")
     p.add_argument("--work-dir", default=None,
                    help="existing retro work dir for part 3; its seq length and chunk length then apply "
                         "to the first size")
@@ -532,8 +545,14 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
+    kept = False
+    if args.keep_freed_host_memory:
+        from megatron.training.host_memory import keep_freed_host_memory
+        kept = keep_freed_host_memory()
     print(f"$ {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, {os.cpu_count()} CPUs visible")
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32, {os.cpu_count()} CPUs visible; ours "
+          f"{'keeps' if kept else 'returns'} freed host memory, retro-pytorch "
+          f"{'like ours (kept, fused AdamW)' if args.peer_like_ours else 'as its users run it (glibc defaults, torch AdamW)'}")
     sizes = sizes_from_args(args)
 
     # Part 3's data first: a given work dir fixes seq length and chunk length of the first size.
@@ -564,7 +583,7 @@ def main():
                       f"of dim_head {size.hidden_size // size.heads} whatever it is told, so its attention is "
                       f"{RETRO_PYTORCH_HEADS * (size.hidden_size // size.heads)} wide (counted so in its FLOPs)")
 
-    contenders = [build_contenders(size, peer_python, args.threads) for size in sizes]
+    contenders = [build_contenders(size, peer_python, args.threads, args.peer_like_ours) for size in sizes]
     loader_timing = None if dataset is None else (
         lambda: loader_seconds_per_sample(dataset, sizes[0].micro_batch_size, args.loader_batches, args.loader_workers))
     times, loader_times, peak = run_rounds(contenders, args.rounds, args.steps, loader_timing)
