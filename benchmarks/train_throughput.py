@@ -66,7 +66,7 @@ def main():
     p.add_argument("--keep-freed-host-memory", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kept = device.type == "cpu" and args.keep_freed_host_memory and keep_freed_host_memory()
+    kept = args.keep_freed_host_memory and keep_freed_host_memory(device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     peak = measure_matmul_peak_flops(device, dtype)
     results = [(hidden, *bench(hidden, args.layers, args.seq_length, args.micro_batch_size,

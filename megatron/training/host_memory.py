@@ -14,16 +14,19 @@ peak instead of shrinking after it, which a training process reaches in its firs
 import ctypes
 import sys
 
+import torch
+
 # <malloc.h>
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _INT_MAX = 2 ** 31 - 1
 
 
-def keep_freed_host_memory() -> bool:
-    """Ask glibc to serve every block from its heap and never trim it; False where the C library
-    is not glibc (macOS, Windows, musl), which this leaves as it is."""
-    if not sys.platform.startswith("linux"):
+def keep_freed_host_memory(device: torch.device | str = "cpu") -> bool:
+    """When `device`, the one that computes, is the CPU: ask glibc to serve every block from its
+    heap and never trim it. False where nothing changed: another device (its memory is not
+    malloc's), or a C library that is not glibc (macOS, Windows, musl)."""
+    if torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on
     if not hasattr(libc, "gnu_get_libc_version"):  # only glibc's mallopt takes these parameters

@@ -177,8 +177,8 @@ class Trainer:
         self.cfg, self.forward_step = cfg, forward_step
         self.loss_fn, self.budget_loss_fn = loss_fn, budget_loss_fn
         self.env = env or initialize_distributed(cfg.parallel)
-        if self.env.device.type == "cpu" and cfg.training.keep_freed_host_memory:
-            keep_freed_host_memory()
+        if cfg.training.keep_freed_host_memory:
+            keep_freed_host_memory(self.env.device)
         self.flops_per_token = gpt_flops_per_token(cfg.model) if flops_per_token is None else flops_per_token
         model = self._build_model(model_provider, post_init_fn)
         num_params = sum(p.numel() for p in model.parameters())

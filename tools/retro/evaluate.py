@@ -62,6 +62,7 @@ from megatron.retrieval.overlap import OVERLAP_BUCKETS, OVERLAP_NGRAM, bucket_of
 from megatron.training import retro_data, retro_step
 from megatron.training.config import Config
 from megatron.training.copy_probe import copy_probe
+from megatron.training.host_memory import keep_freed_host_memory
 from megatron.training.initialize import initialize_distributed
 from megatron.training.retro_checkpoint import checkpoint_config, load_weights
 from megatron.training.trainer import evaluate_dataset, sample_counts
@@ -140,6 +141,8 @@ def evaluate(load: str, work_dir: str, eval_samples: int | None = None, micro_ba
         cfg.training.micro_batch_size = micro_batch_size
     retro_data.prepare(cfg)
     env = initialize_distributed(cfg.parallel)
+    if cfg.training.keep_freed_host_memory:
+        keep_freed_host_memory(env.device)
     with torch.device(env.device):
         model = retro_step.model_provider(cfg)
     par = parallelize_fn(model, cfg, env)
