@@ -1,6 +1,7 @@
 """Retro preprocessing throughput on a stdlib work dir.
 
 Run: python benchmarks/retro_preprocess.py [--max-files 40 | --all] [--threads N] [--out /tmp/retro_bench]
+        [--no-keep-freed-host-memory]   (glibc's defaults, as before the build kept freed memory)
      python benchmarks/retro_preprocess.py --compare-only WD [--precisions bf16 int8] [--threads N]
 
 Builds a corpus from this Python's stdlib (*.py, in path order, the first --max-files files or
@@ -251,6 +252,8 @@ def main():
     parser.add_argument("--recall-db", type=int, default=5000, help="random valid DB chunks searched")
     parser.add_argument("--speed-chunks", type=int, default=384, help="DB chunks embedded per timing")
     parser.add_argument("--batch-size", type=int, default=128, help="as --retro-bert-batch-size")
+    parser.add_argument("--keep-freed-host-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="as tools/retro/preprocess_data.py's (process-wide: compare two runs)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -269,6 +272,8 @@ def main():
             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_args["tokenizer_model"],
             "--train-iters", "50", "--global-batch-size", "8", "--eval-interval", "50", "--eval-iters", "1",
             "--retro-block-size", "2048"]
+    if not args.keep_freed_host_memory:
+        argv.append("--no-keep-freed-host-memory")
     if args.index_str:
         argv += ["--retro-index-str", args.index_str]
     seconds = time_build(argv)
@@ -289,7 +294,8 @@ def main():
 
     stats = cfg["neighbor_stats"]
     query_chunks = sum(s["chunks"] for s in stats.values())
-    print(f"\nmachine: {torch.get_num_threads()} torch threads, device cpu")
+    print(f"\nmachine: {torch.get_num_threads()} torch threads, device cpu, freed host memory "
+          f"{'kept' if args.keep_freed_host_memory else 'returned (glibc defaults)'}")
     print(f"chunk DB: {cfg['num_chunks']} chunks of {cfg['chunk_length']} tokens, index {cfg['chosen_index_str']!r}")
     print(f"embedding: pipeline {pipeline:.1f} chunks/s, bare BERT forward {bare:.1f} chunks/s on the same "
           f"batches, overhead x{bare / pipeline:.3f}; gather + detokenize + WordPiece alone take "

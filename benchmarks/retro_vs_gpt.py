@@ -14,14 +14,14 @@ Sizes (--sizes, both by default), measured side by side in the same rounds:
    each one's achieved FLOP/s: GPT by megatron.models.gpt.flops.gpt_flops_per_token, RETRO by
    retro_flops_per_token (the GPT count plus the encoder over the k * r neighbour tokens of
    every chunk and the chunked cross-attention), beside the fp32 matmul peak measured in the
-   same run. Aim: RETRO's FLOP/s >= 0.9 x the GPT's (retrieval costs no more than its arithmetic).
+   same run. Aim: RETRO's FLOP/s >= 0.95 x the GPT's (retrieval costs no more than its arithmetic).
 2. RETRO vs retro-pytorch 0.3.9 (PyPI `retro-pytorch`) on the same configuration: tokens/s, and
    achieved FLOP/s with each implementation's FLOPs counted for its own architecture
    (retro_pytorch_flops_per_token below), so that the FLOP-normalised ratio says which one runs
    its arithmetic faster. Every count is checked against torch.utils.flop_counter on one forward.
    That package needs numpy 1.x and pyarrow<20, so it lives in its own virtualenv and runs in a
    subprocess of that venv's python (this same file with --peer-worker), one per size, kept alive
-   between timings. Aim: >= 1.5x tokens/s.
+   between timings. Aim (issue 14): >= 1.3x tokens/s.
 3. Samples/s of the RETRO loader (RetroDataset over a real work dir, through
    megatron.data.loader.build_data_loader, in-process: --loader-workers 0) vs RETRO training
    samples/s of the first size at the same micro-batch size. Without --work-dir a small one is
@@ -498,9 +498,9 @@ def report_size(c: Contenders, times: dict[str, list[float]], peak: float):
           + ", ".join(f"{NAMES[name]} {c.flops[name] / c.counted[name]:.4f}" for name in times))
     print(f"1. RETRO/GPT step time {med['retro'] / med['gpt']:.2f}x, FLOPs per token "
           f"{c.flops['retro'] / c.flops['gpt']:.2f}x; RETRO/GPT FLOP/s "
-          f"{ratio_text(*ratios['retro/gpt FLOP/s'], ' (aim >= 0.9)')}")
+          f"{ratio_text(*ratios['retro/gpt FLOP/s'], ' (aim >= 0.95)')}")
     if "peer" in times:
-        print(f"2. tokens/s ours / retro-pytorch {ratio_text(*ratios['tokens/s ours/peer'], ' (aim >= 1.5x)')}")
+        print(f"2. tokens/s ours / retro-pytorch {ratio_text(*ratios['tokens/s ours/peer'], ' (aim >= 1.3x)')}")
         print(f"   FLOP/s ours / retro-pytorch (each by its own count) {ratio_text(*ratios['FLOP/s ours/peer'])}")
 
 

@@ -94,6 +94,9 @@ def parse_args(argv=None):
     group.add_argument("--retro-query-ef-search", type=int, default=64, help="HNSW efSearch")
     group.add_argument("--retro-verify-num-chunks", type=int, default=256,
                        help="chunks recomputed by the verify task")
+    group.add_argument("--keep-freed-host-memory", action=argparse.BooleanOptionalAction, default=True,
+                       help="embedding on a CPU: glibc keeps freed memory for reuse instead of faulting "
+                            "it in again every batch, as training does (the embeddings are the same)")
     group.add_argument("--retro-stop-after-blocks", type=int, default=None,
                        help="TEST ONLY: stop (exit status 3) after writing this many blocks, to "
                             "exercise resuming")
@@ -149,9 +152,10 @@ def _init_distributed() -> bool:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # BERT on a CPU frees and reallocates its activations every batch: 16% more chunks/s with
-    # the memory kept (docs/profile.md), the embeddings the same to the bit.
-    keep_freed_host_memory(default_device())
+    if args.keep_freed_host_memory:
+        # BERT on a CPU frees and reallocates its activations every batch: 16% more chunks/s with
+        # the memory kept (docs/profile.md), the embeddings the same to the bit.
+        keep_freed_host_memory(default_device())
     initialised = _init_distributed()
     try:
         cfg = run_tasks(args)
