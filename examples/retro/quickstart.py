@@ -27,8 +27,9 @@ interrupted quickstart resumes):
   6. tools/retro/evaluate.py --ckpt-step retrieval on / off / random at each saved step
   7. pretrain_retro.py, evaluate.py      the same-size GPT on the same samples
   8. tools/plot_runs.py                  the learning curves: a table, and curves.png
-and prints the final evaluation table. Defaults are sized for a 2-core CPU (25-27 minutes;
---preset long 47); --max-files 0 takes every file (the embedding step then takes longer).
+and prints the final evaluation table. Defaults are sized for a 2-core CPU (about 22 minutes;
+--preset long 47 before the CPU speed-ups); --max-files 0 takes every file (the embedding step
+then takes longer).
 """
 
 import argparse
@@ -121,7 +122,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-length", type=int, default=256)
     # Steps of 4: at equal tokens, more and smaller steps train further (validation lm loss 2.21
     # against about 2.9 for 200 steps of 16 on the transformers corpus). 1,200 of them: retrieval
-    # pays 0.16 nats there, 800 paid 0.08 (docs/experiments.md).
+    # pays 0.14-0.16 nats there, 800 paid 0.08 (docs/experiments.md).
     p.add_argument("--train-iters", type=int, default=1200)
     p.add_argument("--global-batch-size", type=int, default=4)
     p.add_argument("--micro-batch-size", type=int, default=4)
