@@ -18,7 +18,7 @@ under torch.profiler, and its self CPU time is summed per part:
   RoPE tables             rope_tables in the encoder and the CCA, GPTModel.rope
   masks                   masked_fill, any, ~, | ... called from model code, and their backward
   reshapes/copies         view, reshape, transpose, cat, pad, copy_, ... likewise
-  embedding/output+loss   tok_embeddings (tokens and neighbours), final norm, output head, lm_loss
+  embedding/output+loss   tok_embeddings (tokens and neighbours), final norm, output head, the LM loss (next_token_loss)
   optimizer step          AdamW's step and zero_grad, the LR scheduler
   grad-norm/clip          clip_grad_norm_
   data                    Batches.next
@@ -123,7 +123,7 @@ def trainer_labels(trainer: Trainer, interval: Interval) -> list[tuple]:
     return [
         (megatron.models.retro.encoder, "rope_tables", ROPE),
         (megatron.models.retro.chunked_cross_attention, "rope_tables", ROPE),
-        (megatron.training.retro_step, "lm_loss", EMBED),
+        (megatron.training.retro_step, "next_token_loss", EMBED),
         (torch.nn.utils, "clip_grad_norm_", CLIP),
         (megatron.training.trainer, "add_metrics", METRICS),
         (megatron.training.trainer, "average", METRICS),
