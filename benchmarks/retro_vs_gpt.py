@@ -212,7 +212,7 @@ def peer_worker(request: dict):
     size = Size(**dict(request["size"], retro_layers=tuple(request["size"]["retro_layers"])))
     torch.set_num_threads(request["threads"])
     if request["like_ours"]:
-        sys.path.insert(0, REPO)  # the peer venv does not install this project; the module is stdlib-only
+        sys.path.insert(0, REPO)  # the peer venv does not install this project; the module needs only torch
         from megatron.training.host_memory import keep_freed_host_memory
         keep_freed_host_memory()
     torch.manual_seed(0)
@@ -550,9 +550,10 @@ def main():
         from megatron.training.host_memory import keep_freed_host_memory
         kept = keep_freed_host_memory()
     print(f"$ {' '.join([os.path.basename(sys.executable), *sys.argv])}")
+    peer_setup = ("like ours (kept, fused AdamW)" if args.peer_like_ours
+                  else "as its users run it (glibc defaults, torch AdamW)")
     print(f"torch {torch.__version__}, {args.threads} threads, fp32, {os.cpu_count()} CPUs visible; ours "
-          f"{'keeps' if kept else 'returns'} freed host memory, retro-pytorch "
-          f"{'like ours (kept, fused AdamW)' if args.peer_like_ours else 'as its users run it (glibc defaults, torch AdamW)'}")
+          f"{'keeps' if kept else 'returns'} freed host memory, retro-pytorch {peer_setup}")
     sizes = sizes_from_args(args)
 
     # Part 3's data first: a given work dir fixes seq length and chunk length of the first size.

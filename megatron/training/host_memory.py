@@ -5,9 +5,9 @@ and hands it back to the kernel on free, and it trims the heap's free top likewi
 step frees its activations at the end and allocates as many again in the next, so on a CPU every
 step faulted its activation memory in anew, one 4 KiB page at a time, each first write zeroing the
 page: 110-165 thousand page faults in a RETRO step of benchmarks/retro_vs_gpt.py's 512 size, a
-fifth of its time on the 2-core VM of docs/profile.md (6.2 s a step against 4.9 kept). CUDA's caching allocator keeps device
-memory for reuse in the same way; this asks glibc to do it for host memory: every block from the
-heap, and the heap never trimmed. The price is that the process's resident memory stays at its
+fifth of its time on the 2-core VM of docs/profile.md (6.2 s a step against 4.9 kept). CUDA's
+caching allocator keeps device memory for reuse in the same way; this asks glibc to do it for
+host memory: every block from the heap, and the heap never trimmed. The price is that the process's resident memory stays at its
 peak instead of shrinking after it, which a training process reaches in its first steps anyway.
 """
 
